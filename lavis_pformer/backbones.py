@@ -1,0 +1,192 @@
+"""Backbones chosen in the model config, by hub name or local directory.
+
+LAVIS 1.0.2 hard-codes "bert-base-uncased" in ``Blip2Base.init_tokenizer`` / ``init_Qformer`` and only
+knows ``eva_clip_g`` / ``clip_L`` in ``init_vision_encoder``. ``BackboneMixin`` overrides those three
+methods (LAVIS's constructors call them on ``self``) so that the plugin's models honour:
+
+- ``bert_model``: hub name or directory for the BERT tokenizer and the Q-Former's config/initial weights;
+- ``vit_model``: ``eva_clip_g`` / ``clip_L`` (LAVIS's own code) or ``custom_vit``, a ViT whose size is
+  given by ``vit_config`` (patch_size, embed_dim, depth, num_heads, mlp_ratio, checkpoint);
+- ``llm_precision``: dtype of the frozen LLM (``fp16`` as LAVIS; ``bf16``; ``fp32`` for CPU runs);
+
+and loads checkpoints safely: ``torch.load(weights_only=True)``, ``load_pretrained: False`` to start
+from the backbones alone, and missing / unexpected keys reported at WARNING level.
+"""
+import logging
+import os
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from lavis.common.utils import is_url
+from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
+from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+from lavis.models.eva_vit import VisionTransformer
+from transformers import BertTokenizer
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def bert_tokenizer(bert_model):
+    """BERT tokenizer of ``bert_model`` with BLIP-2's extra ``[DEC]`` bos token."""
+    tokenizer = BertTokenizer.from_pretrained(bert_model)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def custom_vit(img_size, vit_config, drop_path_rate=0.0, use_grad_checkpoint=False):
+    """LAVIS's EVA ``VisionTransformer`` at the size given in ``vit_config``; random init or a local file.
+
+    Output of ``forward``: [B, 1 + (img_size / patch_size)^2, embed_dim].
+    """
+    cfg = dict(vit_config or {})
+    checkpoint = cfg.pop("checkpoint", None)
+    allowed = {"patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"}
+    unknown = set(cfg) - allowed
+    if unknown:
+        raise ValueError(f"model.vit_config has unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'checkpoint'})}")
+    vit = VisionTransformer(
+        img_size=img_size, patch_size=cfg.get("patch_size", 16), embed_dim=cfg.get("embed_dim", 768),
+        depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 12), mlp_ratio=cfg.get("mlp_ratio", 4.0),
+        qkv_bias=True, use_mean_pooling=False, drop_path_rate=drop_path_rate,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), use_checkpoint=use_grad_checkpoint,
+    )
+    if checkpoint:
+        state = load_state_dict_file(checkpoint, what="custom_vit weights (model.vit_config.checkpoint)")
+        vit.load_state_dict(state, strict=True)
+    return vit
+
+
+def load_state_dict_file(path, what="checkpoint"):
+    """``torch.load(weights_only=True)`` of a local file; returns its "model" dict if it has one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no file at {path}; check the path in the config or --options")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files, pickles with code, not a torch file at all
+        raise ValueError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
+    if isinstance(checkpoint, dict) and "model" in checkpoint:
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what}: {path} does not hold a state dict")
+    return checkpoint
+
+
+def _drop_non_checkpoint_keys(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k[len(prefix):].startswith(module._non_checkpoint_prefixes)]:
+        del state_dict[key]
+
+
+class BackboneMixin:
+    """Put before the LAVIS class: ``class Blip2OPTPFormer(BackboneMixin, Blip2OPT)``.
+
+    Call ``self.set_backbones(...)`` before the LAVIS constructor runs.
+    """
+
+    def set_backbones(self, bert_model="bert-base-uncased", vit_config=None):
+        # Plain attributes set before nn.Module.__init__ (LAVIS's __init__ reads them via the overrides).
+        object.__setattr__(self, "bert_model", bert_model)
+        object.__setattr__(self, "vit_config", dict(vit_config or {}))
+
+    def exclude_from_checkpoint(self, *prefixes):
+        """Never put these submodules (frozen LLM, P-Former teacher) into ``state_dict()``.
+
+        LAVIS's runner drops frozen *parameters* from its checkpoints, but not tensors shared with
+        them under another name (OPT's tied ``lm_head.weight``) nor buffers.
+        """
+        if not hasattr(self, "_non_checkpoint_prefixes"):
+            self._non_checkpoint_prefixes = ()
+            self._register_state_dict_hook(_drop_non_checkpoint_keys)
+        self._non_checkpoint_prefixes += tuple(prefixes)
+
+    def _not_in_checkpoint(self, key):
+        return key.startswith(getattr(self, "_non_checkpoint_prefixes", ())) or key in {
+            n for n, p in self.named_parameters() if not p.requires_grad
+        }
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Strict about what a checkpoint carries: trainable tensors; frozen backbones may be absent.
+
+        (LAVIS's resume and best-checkpoint reload call this with strict=True.)
+        """
+        msg = super().load_state_dict(state_dict, strict=False)
+        missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
+        if strict and (missing or msg.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not match {type(self).__name__}: missing {missing}, unexpected {msg.unexpected_keys}"
+            )
+        return msg
+
+    def init_tokenizer(self):
+        return bert_tokenizer(self.bert_model)
+
+    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+        config = BertConfig.from_pretrained(self.bert_model)
+        config.encoder_width = vision_width
+        config.add_cross_attention = True
+        config.cross_attention_freq = cross_attention_freq
+        config.query_length = num_query_token
+        qformer = BertLMHeadModel.from_pretrained(self.bert_model, config=config)
+        query_tokens = nn.Parameter(torch.zeros(1, num_query_token, config.hidden_size))
+        query_tokens.data.normal_(mean=0.0, std=config.initializer_range)
+        return qformer, query_tokens
+
+    def init_vision_encoder(self, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
+        if model_name != "custom_vit":
+            if model_name not in ("eva_clip_g", "clip_L"):
+                raise ValueError(f"unknown model.vit_model '{model_name}': use eva_clip_g, clip_L or custom_vit")
+            return Blip2Base.init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
+        vit = custom_vit(img_size, self.vit_config, drop_path_rate, use_grad_checkpoint)
+        if precision == "fp16":
+            vit = vit.half()
+        return vit, LayerNorm(vit.num_features)
+
+    @staticmethod
+    def cast_llm(llm, precision):
+        """Cast the frozen LLM to ``llm_precision`` (LAVIS loads OPT in fp16 and T5 in bf16)."""
+        if precision not in DTYPES:
+            raise ValueError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{precision}'")
+        return llm.to(DTYPES[precision])
+
+    def load_checkpoint_from_config(self, cfg, **kwargs):
+        """``load_finetuned`` -> ``finetuned``; else ``load_pretrained`` (default True) -> ``pretrained``."""
+        if cfg.get("load_finetuned", False):
+            path = cfg.get("finetuned")
+            if not path:
+                raise ValueError("model.load_finetuned is True but model.finetuned is empty; give a checkpoint path")
+            return self.load_checkpoint(path)
+        if cfg.get("load_pretrained", True):
+            path = cfg.get("pretrained")
+            if not path:
+                raise ValueError(
+                    "model.pretrained is empty; give the previous stage's checkpoint "
+                    "(--options model.pretrained=path/checkpoint_N.pth) or set model.load_pretrained=False "
+                    "to start from the backbones alone"
+                )
+            return self.load_from_pretrained(path)
+        logging.info("load_pretrained is False: starting from the backbones alone")
+
+    def load_from_pretrained(self, url_or_filename):
+        return self.load_checkpoint(url_or_filename)
+
+    def load_checkpoint(self, url_or_filename):
+        if is_url(url_or_filename):
+            from lavis.common.dist_utils import download_cached_file
+
+            url_or_filename = download_cached_file(url_or_filename, check_hash=False, progress=True)
+        state_dict = self.adapt_state_dict(load_state_dict_file(url_or_filename, what="model checkpoint"))
+        msg = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
+        if missing:
+            logging.warning("%s: %d trainable tensors not in the checkpoint: %s", url_or_filename, len(missing), missing)
+        if msg.unexpected_keys:
+            logging.warning(
+                "%s: %d unexpected tensors ignored: %s", url_or_filename, len(msg.unexpected_keys), msg.unexpected_keys
+            )
+        logging.info("loaded checkpoint %s (%d tensors)", url_or_filename, len(state_dict))
+        return msg
+
+    def adapt_state_dict(self, state_dict):
+        """Hook for subclasses to rename keys of an earlier stage's checkpoint."""
+        return state_dict

@@ -1,0 +1,131 @@
+"""Stage 0, shared by OPT and T5: a P-Former trained on text alone against a frozen LLM.
+
+Subclasses (``pformer_opt``, ``pformer_t5``) load the LLM and define ``llm_loss`` (reconstruction
+through the prompt), ``llm_input_embeddings`` (the VQ codebook) and ``generate``.
+"""
+import logging
+import os
+
+import torch
+
+from lavis.models.blip2_models.blip2 import Blip2Base
+
+from lavis_pformer.backbones import BackboneMixin, bert_tokenizer
+from lavis_pformer.config_checks import as_float, as_int
+from lavis_pformer.losses import two_view_contrastive_loss, vq_commitment_loss
+from lavis_pformer.pformer import PFormer
+from lavis_pformer.text import mask_tokens
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+
+PFORMER_EXPORT_NAME = "pformer.pth"
+
+
+class PFormerPretrain(BackboneMixin, Blip2Base):
+    """P-Former + frozen LLM.  forward -> {"loss", "loss_lm", "loss_c", "loss_vq"} (weighted terms)."""
+
+    def __init__(self, bert_model, llm_name, num_query_token=32, max_txt_len=32, embed_dim=256,
+                 mask_prob=0.25, lm_weight=1.0, contrastive_weight=1.0, vq_weight=1.0,
+                 label_smoothing=0.1, vq_chunk_size=8192):
+        self.set_backbones(bert_model=bert_model)
+        super().__init__()
+        self.tokenizer = bert_tokenizer(bert_model)
+        self.llm_name = llm_name
+        self.num_query_token = num_query_token
+        self.max_txt_len = max_txt_len
+        self.mask_prob = mask_prob
+        self.weights = {"lm": lm_weight, "c": contrastive_weight, "vq": vq_weight}
+        self.label_smoothing = label_smoothing
+        self.vq_chunk_size = vq_chunk_size
+        self.embed_dim = embed_dim
+
+    def build_pformer(self, llm_hidden_size):
+        """Called by subclasses once the LLM (and so its width) is known."""
+        self.pformer = PFormer.from_bert(
+            self.bert_model, self.num_query_token, llm_hidden_size, self.llm_name, embed_dim=self.embed_dim
+        )
+
+    @staticmethod
+    def freeze(module):
+        for p in module.parameters():
+            p.requires_grad = False
+        return module.eval()
+
+    def train(self, mode=True):
+        """The frozen LLM stays in eval mode (no dropout) when LAVIS's runner calls model.train()."""
+        super().train(mode)
+        self.llm_module().eval()
+        return self
+
+    def llm_module(self):
+        raise NotImplementedError
+
+    def llm_input_embeddings(self):
+        """[V, H_llm] frozen input-embedding matrix (the VQ codebook)."""
+        return self.llm_module().get_input_embeddings().weight
+
+    def llm_loss(self, prompt, texts):
+        """Causal / seq2seq loss of reconstructing ``texts`` from ``prompt`` [B, Q, H_llm]."""
+        raise NotImplementedError
+
+    def tokenize(self, texts):
+        return self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(self.device)
+
+    def forward(self, samples):
+        texts = samples["text_input"]
+        tokens = self.tokenize(texts)
+        # Two views of every sentence (independent maskings and dropout), one encoder pass for both.
+        prob = self.mask_prob if self.training else 0.0
+        ids = torch.cat([mask_tokens(tokens.input_ids, self.tokenizer, prob)
+                         for _ in range(2)])
+        out = self.pformer(ids, tokens.attention_mask.repeat(2, 1))
+        batch = len(texts)
+        prompt = out.prompt[:batch]
+
+        losses = {"loss_lm": self.weights["lm"] * self.llm_loss(prompt, texts)}
+        if self.weights["c"] > 0:
+            losses["loss_c"] = self.weights["c"] * two_view_contrastive_loss(
+                out.text_feat[:batch], out.text_feat[batch:], self.pformer.temperature(), self.label_smoothing
+            )
+        if self.weights["vq"] > 0:
+            losses["loss_vq"] = self.weights["vq"] * vq_commitment_loss(
+                prompt, self.llm_input_embeddings(), chunk_size=self.vq_chunk_size
+            )
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    @torch.no_grad()
+    def prompt(self, texts):
+        """The P-Former prompt of ``texts`` (no masking): [B, Q, H_llm]."""
+        tokens = self.tokenize(texts)
+        return self.pformer(tokens.input_ids, tokens.attention_mask).prompt
+
+    def export_checkpoint(self, output_dir):
+        """Write the P-Former alone (+ metadata) for stages 1 and 2; the runner calls it at each save."""
+        path = os.path.join(output_dir, PFORMER_EXPORT_NAME)
+        self.pformer.save(path)
+        return path
+
+    @classmethod
+    def common_kwargs(cls, cfg):
+        """Config keys shared by the OPT and T5 variants, type-checked."""
+        return dict(
+            bert_model=cfg.get("bert_model", "bert-base-uncased"),
+            num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
+            max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
+            embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+            contrastive_weight=as_float(cfg, "contrastive_weight", 1.0, minimum=0),
+            label_smoothing=as_float(cfg, "label_smoothing", 0.1, minimum=0),
+            vq_chunk_size=as_int(cfg, "vq_chunk_size", 8192, minimum=1),
+        )
+
+    def finish_from_config(self, cfg):
+        self.load_checkpoint_from_config(cfg)
+        logging.info(
+            "P-Former stage 0: Q=%d, LLM %s, weights %s, mask_prob %.2f",
+            self.num_query_token, self.llm_name, self.weights, self.mask_prob,
+        )
+        return self

@@ -1,0 +1,167 @@
+"""Tiny BERT / OPT / Flan-T5-like backbones, built offline in seconds.
+
+They are saved with ``save_pretrained`` so that models load them through the same code path as the
+real hub models (``bert_model: <dir>``, ``opt_model: <dir>``, ``t5_model: <dir>``). Tokenizers are
+trained locally: a WordPiece vocabulary for BERT, a byte-level BPE for OPT (``"\\n"`` is a token, as
+BLIP-2 OPT uses it as end of text) and a sentencepiece model for T5.
+
+    python -m lavis_pformer.tiny --out output/tiny
+"""
+import argparse
+import json
+import os
+import string
+import subprocess
+import sys
+
+import torch
+
+# Words the tiny tokenizers know as whole tokens; anything else is split into characters.
+WORDS = (
+    "a an the of and or in on at to with is are was there this that it its what which how many "
+    "question short answer photo picture image left right top bottom middle center corner "
+    "red green blue yellow purple orange black white gray brown pink small large big "
+    "circle square triangle star shape shapes object objects one two three four zero yes no "
+    "man woman dog cat bird car tree street table sitting standing next near above below "
+    "color colour count number of"
+).split()
+
+SIZES = {
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "opt": dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4),
+    "t5": dict(d_model=40, d_kv=10, d_ff=80, num_layers=2, num_decoder_layers=2, num_heads=4),
+}
+
+
+def _corpus(repeats=20):
+    """Training text for the tokenizers: the word list, in simple sentences."""
+    lines = []
+    for i in range(repeats):
+        words = WORDS[i % 7 :] + WORDS[: i % 7]
+        for j in range(0, len(words), 8):
+            lines.append(" ".join(words[j : j + 8]) + ".")
+    lines.append(string.ascii_letters + string.digits + string.punctuation)
+    return lines
+
+
+def build_bert(out_dir, seed=0):
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    vocab += [w for w in dict.fromkeys(WORDS) if w not in vocab]
+    vocab_file = os.path.join(out_dir, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file, do_lower_case=True)
+    tokenizer.save_pretrained(out_dir)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=128, **SIZES["bert"])
+    BertForMaskedLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_opt(out_dir, seed=0, vocab_size=400):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM
+
+    os.makedirs(out_dir, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    # OPT's special tokens: <s>=0, <pad>=1, </s>=2 (bos = eos), <unk>=3.
+    bpe.train_from_iterator(
+        _corpus(), vocab_size=vocab_size, min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+    )
+    bpe.save_model(out_dir)
+    tokenizer = GPT2Tokenizer(
+        os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
+        bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>", add_bos_token=True,
+    )
+    tokenizer.save_pretrained(out_dir)
+    assert len(tokenizer("\n", add_special_tokens=False).input_ids) == 1, "'\\n' must be one token"
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=128, word_embed_proj_dim=SIZES["opt"]["hidden_size"],
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, do_layer_norm_before=True, **SIZES["opt"],
+    )
+    OPTForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_t5(out_dir, seed=0, vocab_size=200):
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "spiece")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_prefix=prefix, vocab_size=vocab_size,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )
+    tokenizer = T5Tokenizer(prefix + ".model", extra_ids=0)
+    tokenizer.save_pretrained(out_dir)
+    _save_fast_t5_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, **SIZES["t5"],
+    )
+    T5ForConditionalGeneration(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def _save_fast_t5_tokenizer(out_dir):
+    """Write tokenizer.json, as hub T5 models ship it, so T5TokenizerFast never converts at load time.
+
+    The slow->fast conversion in transformers 4.26 needs protobuf's pure-Python implementation (the
+    protobuf that LAVIS's other dependencies pull in is too new for its generated code), so it runs
+    in a child process with that implementation selected.
+    """
+    code = "import sys; from transformers import T5TokenizerFast as T; T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])"
+    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
+    subprocess.run([sys.executable, "-c", code, out_dir], check=True, env=env)
+
+
+def build_sentences(path, n=512, seed=0):
+    """A small plain-text corpus, one sentence per line, for the tiny stage-0 configs."""
+    import random
+
+    rng = random.Random(seed)
+    colors, shapes = WORDS[WORDS.index("red") : WORDS.index("small")], ["circle", "square", "triangle", "star"]
+    places = ["on the left", "on the right", "at the top", "at the bottom", "in the middle"]
+    lines = []
+    for _ in range(n):
+        objs = [f"a {rng.choice(colors)} {rng.choice(shapes)} {rng.choice(places)}" for _ in range(rng.randint(1, 3))]
+        lines.append(" and ".join(objs) + ".")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def build_all(root, seed=0):
+    """Build ``root/backbones/{bert,opt,t5}`` and ``root/data/sentences.txt``; returns their paths."""
+    paths = {
+        "bert": build_bert(os.path.join(root, "backbones", "bert"), seed),
+        "opt": build_opt(os.path.join(root, "backbones", "opt"), seed),
+        "t5": build_t5(os.path.join(root, "backbones", "t5"), seed),
+        "sentences": build_sentences(os.path.join(root, "data", "sentences.txt"), seed=seed),
+    }
+    with open(os.path.join(root, "backbones", "sizes.json"), "w") as f:
+        json.dump(SIZES, f, indent=1)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="output/tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, path in build_all(args.out, args.seed).items():
+        print(f"{name}: {os.path.abspath(path)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lavis-pformer",
+    version="0.1.0",
+    description="P-Former (decoupled language pre-training) for Salesforce LAVIS BLIP-2",
+    packages=find_packages(include=["lavis_pformer", "lavis_pformer.*"]),
+    package_data={"lavis_pformer": ["configs/**/*.yaml", "configs/*/*.yaml"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "salesforce-lavis==1.0.2",
+        # LAVIS 1.0.2 imports on Python 3.11 only with these (opencv 4.5.5 is built against numpy 1).
+        "numpy<2",
+        "pandas<2.3",
+        "scipy<1.15",
+        "scikit-image<0.25",
+        "transformers>=4.25,<4.27",
+        "sentencepiece",
+        "tokenizers",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,130 @@
+"""Stage 0 (pformer_opt, pformer_t5) on tiny local backbones."""
+import copy
+
+import pytest
+import torch
+
+from conftest import build_model, tiny_stage0_overrides
+from lavis_pformer.pformer import PFormer
+from lavis_pformer.text import split_prefix_suffix
+
+SENTENCES = [
+    "a red circle on the left and a blue square at the top.",
+    "a green triangle in the middle.",
+    "two yellow stars next to a black car on the street near a tree.",
+    "a dog.",
+    "a white cat sitting on a table next to a small gray bird.",
+    "three purple squares and one orange circle.",
+]
+
+
+@pytest.fixture(scope="module")
+def opt_model(tiny):
+    torch.manual_seed(0)
+    return build_model("pformer_opt", "pformer_opt2.7b", **tiny_stage0_overrides(tiny, "opt"))
+
+
+@pytest.fixture(scope="module")
+def t5_model(tiny):
+    torch.manual_seed(0)
+    return build_model("pformer_t5", "pformer_flant5xl", **tiny_stage0_overrides(tiny, "t5"))
+
+
+def test_prompt_shape_uses_q_not_text_length(opt_model):
+    prompt = opt_model.prompt(SENTENCES)
+    tokens = opt_model.tokenize(SENTENCES)
+    assert tokens.input_ids.shape[1] != 4
+    assert prompt.shape == (len(SENTENCES), 4, opt_model.opt_model.config.hidden_size)
+
+
+@pytest.mark.parametrize("name", ["opt_model", "t5_model"])
+def test_gradients_reach_pformer_only_and_llm_is_unchanged(name, request):
+    model = copy.deepcopy(request.getfixturevalue(name))
+    model.train()
+    llm = model.llm_module()
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in {id(q) for q in model.pformer.parameters()} for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.05)
+    out = model({"text_input": SENTENCES})
+    for key, value in out.items():
+        assert torch.isfinite(value), key
+    out["loss"].backward()
+    assert all(p.grad is None for p in llm.parameters())
+    assert model.pformer.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.pformer.llm_proj.weight.grad.abs().sum() > 0
+    assert model.pformer.text_proj.weight.grad.abs().sum() > 0
+    optimizer.step()
+    after = llm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not llm.training
+
+
+def test_opt_loss_terms_and_total_falls(opt_model):
+    model = copy.deepcopy(opt_model)
+    model.train()
+    assert set(model({"text_input": SENTENCES})) == {"loss", "loss_lm", "loss_c", "loss_vq"}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    torch.manual_seed(1)
+    losses = []
+    for _ in range(30):
+        out = model({"text_input": SENTENCES})
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_t5_losses_and_one_word_sentences(t5_model):
+    model = copy.deepcopy(t5_model)
+    model.train()
+    long = " ".join(["word"] * 30)
+    out = model({"text_input": ["dog", "red circle", long]})
+    assert set(out) == {"loss", "loss_lm", "loss_c"}  # VQ off by default for T5
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+
+
+@pytest.mark.parametrize("n_words", [1, 2, 30])
+def test_t5_split_keeps_every_word(n_words):
+    import random
+
+    text = " ".join(f"w{i}" for i in range(n_words))
+    rng = random.Random(0)
+    for _ in range(50):
+        prefix, suffix = split_prefix_suffix(text, rng)
+        assert prefix and len(prefix.split()) >= 1
+        assert (prefix + " " + suffix).split() == text.split()
+    if n_words == 1:
+        assert split_prefix_suffix(text, rng) == ("w0", "")
+
+
+def test_export_reloads_with_identical_outputs(opt_model, tmp_path):
+    model = copy.deepcopy(opt_model).eval()
+    path = model.export_checkpoint(str(tmp_path))
+    teacher = PFormer.load(path, num_query_token=4, llm_hidden_size=model.opt_model.config.hidden_size,
+                           llm_name=model.llm_name).eval()
+    tokens = model.tokenize(SENTENCES)
+    with torch.no_grad():
+        expected = model.pformer(tokens.input_ids, tokens.attention_mask)
+        got = teacher(tokens.input_ids, tokens.attention_mask)
+    assert torch.equal(expected.prompt, got.prompt)
+    assert torch.equal(expected.text_feat, got.text_feat)
+
+
+def test_state_dict_holds_no_llm_tensor(opt_model, t5_model):
+    assert not [k for k in opt_model.state_dict() if k.startswith("opt_model.")]
+    assert not [k for k in t5_model.state_dict() if k.startswith("t5_model.")]
+    assert any(k.startswith("pformer.") for k in opt_model.state_dict())
+
+
+def test_generate_reconstructs_strings(opt_model, t5_model):
+    for model in (opt_model, t5_model):
+        out = model.eval().generate({"text_input": SENTENCES[:2]}, max_length=5)
+        assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_weight_given_as_string_is_rejected(tiny):
+    with pytest.raises(ValueError, match="vq_weight must be a number"):
+        build_model("pformer_opt", "pformer_opt2.7b", **tiny_stage0_overrides(tiny, "opt", vq_weight="1,"))

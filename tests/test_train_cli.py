@@ -1,0 +1,89 @@
+"""train.py driven like a user would: one CPU process, torchrun with 2 gloo processes, and the zoo."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import only_run_dir, run_script
+from lavis_pformer.pformer import PFormer
+
+
+def stage0_config(tiny, llm="opt", output_dir="out", **run):
+    llm_key = {"opt": "opt_model", "t5": "t5_model"}[llm]
+    return {
+        "model": {"arch": f"pformer_{llm}", "model_type": "tiny", "bert_model": tiny["bert"], llm_key: tiny[llm]},
+        "datasets": {"sentence_corpus": {"build_info": {"annotations": {"train": {"storage": tiny["sentences"]}}}}},
+        "run": {
+            "task": "pformer_pretrain", "runner": "runner_pformer", "lr_sched": "linear_warmup_cosine_lr",
+            "init_lr": 1e-3, "min_lr": 1e-4, "warmup_lr": 1e-5, "warmup_steps": 2, "weight_decay": 0.05,
+            "max_epoch": 1, "batch_size_train": 128, "batch_size_eval": 8, "num_workers": 0, "log_freq": 1,
+            "seed": 42, "output_dir": output_dir, "amp": False, "evaluate": False, "train_splits": ["train"],
+            "device": "cpu", "world_size": 1, "dist_url": "env://", "distributed": True, **run,
+        },
+    }
+
+
+def check_stage0_outputs(run_dir, tiny_llm_width=48):
+    log = open(os.path.join(run_dir, "log.txt")).read().splitlines()
+    stats = json.loads(log[-1])
+    for term in ("train_loss", "train_loss_lm", "train_loss_c", "train_loss_vq"):
+        assert term in stats, stats
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint_0.pth"), map_location="cpu", weights_only=False)
+    assert checkpoint["model"] and all(k.startswith("pformer.") for k in checkpoint["model"])
+    teacher = PFormer.load(os.path.join(run_dir, "pformer.pth"), num_query_token=4, llm_hidden_size=tiny_llm_width)
+    assert torch.equal(teacher.llm_proj.weight, checkpoint["model"]["pformer.llm_proj.weight"])
+
+
+def test_train_stage0_single_cpu_process(tiny, tmp_path):
+    proc = run_script("train.py", stage0_config(tiny), str(tmp_path))
+    run_dir = only_run_dir(tmp_path / "out")  # absolute, under the working directory
+    check_stage0_outputs(run_dir)
+    assert "loss_vq" in proc.stderr + proc.stdout
+
+
+def test_train_stage0_t5_with_options(tiny, tmp_path):
+    run_script("train.py", stage0_config(tiny, "t5"), str(tmp_path), options=["run.output_dir=custom"])
+    run_dir = only_run_dir(tmp_path / "custom")
+    stats = json.loads(open(os.path.join(run_dir, "log.txt")).read().splitlines()[-1])
+    assert "train_loss_c" in stats and "train_loss_vq" not in stats
+
+
+def test_train_stage0_torchrun_two_gloo_processes(tiny, tmp_path):
+    proc = run_script("train.py", stage0_config(tiny, batch_size_train=64), str(tmp_path), nproc=2)
+    run_dir = only_run_dir(tmp_path / "out")  # one job id for both ranks
+    check_stage0_outputs(run_dir)
+    assert "distributed init" not in proc.stdout or "gloo" not in proc.stderr  # no nccl attempted
+    assert "Averaged loss terms" in proc.stderr + proc.stdout
+
+
+def test_unknown_arch_and_model_type_are_clear_errors(tiny, tmp_path):
+    cfg = stage0_config(tiny)
+    cfg["model"]["arch"] = "pformer_gpt"
+    with pytest.raises(AssertionError, match="unknown model.arch 'pformer_gpt'.*pformer_opt"):
+        run_script("train.py", cfg, str(tmp_path))
+    cfg = stage0_config(tiny)
+    cfg["model"]["model_type"] = "opt13b"
+    with pytest.raises(AssertionError, match="unknown model.model_type 'opt13b'.*pformer_opt2.7b"):
+        run_script("train.py", cfg, str(tmp_path))
+
+
+def test_load_model_and_preprocess_and_zoo(tiny, tmp_path, monkeypatch):
+    import lavis_pformer  # noqa: F401
+    from lavis.models import ModelZoo, load_model_and_preprocess
+
+    zoo = ModelZoo().model_zoo
+    assert {"pformer_opt2.7b", "pformer_opt6.7b", "tiny"} <= set(zoo["pformer_opt"])
+    assert {"pformer_flant5xl", "pformer_flant5xxl", "tiny"} <= set(zoo["pformer_t5"])
+    # The tiny model type reads output/tiny/backbones relative to the working directory.
+    root = os.path.dirname(os.path.dirname(tiny["bert"]))
+    os.makedirs(tmp_path / "output")
+    shutil.copytree(root, tmp_path / "output" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    model, _, text_processors = load_model_and_preprocess("pformer_opt", "tiny", is_eval=True)
+    caption = text_processors["eval"]("A Red circle, on the LEFT!")
+    assert caption == "a red circle, on the left"  # blip_caption: lower case, no "!"
+    out = model.generate({"text_input": [caption]}, max_length=4)
+    assert len(out) == 1 and isinstance(out[0], str)
+    assert not model.training
