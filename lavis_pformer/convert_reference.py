@@ -9,7 +9,6 @@ and `opt_proj` or `t5_proj`. Other keys are ignored; BERT pooler and MLM head ar
 """
 import argparse
 import logging
-import sys
 
 import torch
 import transformers
@@ -113,10 +112,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    if args.bert_config:
-        bert_config = transformers.BertConfig.from_json_file(args.bert_config)
-    else:
-        bert_config = transformers.BertConfig.from_pretrained(args.bert_model)
+    try:
+        if args.bert_config:
+            bert_config = transformers.BertConfig.from_json_file(args.bert_config)
+        else:
+            bert_config = transformers.BertConfig.from_pretrained(args.bert_model)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"error: cannot read the BERT config ({e}); pass --bert-config path/config.json\n")
     try:
         ckpt = torch.load(args.src, map_location="cpu", weights_only=not args.allow_pickle)
     except Exception as e:
@@ -139,4 +141,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

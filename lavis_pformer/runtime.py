@@ -8,7 +8,8 @@ On CPU, or under ``torchrun`` without GPUs:
 - ``RunnerPFormer`` (registered ``runner_pformer``) wraps the model in DDP whatever its device,
   without ``device_ids`` on CPU (runner_base.py:85/:92), builds loaders without the CUDA
   ``PrefetchLoader`` (:538), resolves ``output_dir`` against the working directory instead of the
-  installed lavis package (:345), and evaluates on the run's device (:469 passes cuda_enabled=True).
+  installed lavis package (:345), evaluates on the run's device (:469 passes cuda_enabled=True),
+  writes checkpoints atomically and keeps ``<output_dir>/latest`` pointing at the newest job folder.
 - ``SmoothedValue.synchronize_between_processes`` builds its tensor on "cuda" (common/logger.py:43);
   ``_synchronize_on_backend_device`` replaces it (the one unavoidable shim).
 """
@@ -17,6 +18,7 @@ import datetime
 import functools
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -159,17 +161,39 @@ class RunnerPFormer(RunnerBase):
             )
         registry.register_path("result_dir", result_dir)
         registry.register_path("output_dir", output_dir)
-        from pathlib import Path
-
         self.result_dir, self.output_dir = Path(result_dir), Path(output_dir)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            _point_latest_at(output_dir)
 
     def _save_checkpoint(self, cur_epoch, is_best=False):
-        """LAVIS's checkpoint, then the model's own exports (e.g. stage 0 writes ``pformer.pth``)."""
-        super()._save_checkpoint(cur_epoch, is_best=is_best)
+        """LAVIS's checkpoint written atomically, then the model's own exports (stage 0: ``pformer.pth``).
+
+        LAVIS writes straight to the final name; here it writes into a scratch folder next to it and
+        the file is moved into place with os.replace, so a kill mid-save never leaves a truncated
+        checkpoint under the final name.
+        """
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        final_dir = self.output_dir
+        scratch = final_dir / ".saving"
+        scratch.mkdir(exist_ok=True)
+        self.output_dir = scratch
+        try:
+            super()._save_checkpoint(cur_epoch, is_best=is_best)
+        finally:
+            self.output_dir = final_dir
+        for name in os.listdir(scratch):
+            os.replace(scratch / name, final_dir / name)
         export = getattr(self.unwrap_dist_model(self.model), "export_checkpoint", None)
-        if export is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            path = export(str(self.output_dir))
-            logging.info("Exported %s", path)
+        if export is not None:
+            logging.info("Exported %s", export(str(final_dir)))
+
+def _point_latest_at(run_dir):
+    """``<output_dir>/latest`` -> this job's folder, so later stages can name a fixed path."""
+    link = os.path.join(os.path.dirname(run_dir), "latest")
+    tmp = f"{link}.{os.getpid()}"
+    os.symlink(os.path.basename(run_dir), tmp)
+    os.replace(tmp, link)
 
 
 @contextlib.contextmanager

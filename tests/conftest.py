@@ -50,9 +50,12 @@ def _free_port():
 
 def only_run_dir(output_dir):
     """The single job folder a run created under ``output_dir``."""
-    runs = [d for d in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, d))]
+    output_dir = str(output_dir)
+    runs = [d for d in os.listdir(output_dir) if d != "latest" and os.path.isdir(os.path.join(output_dir, d))]
     assert len(runs) == 1, runs
-    return os.path.join(output_dir, runs[0])
+    run_dir = os.path.join(output_dir, runs[0])
+    assert os.path.realpath(os.path.join(output_dir, "latest")) == os.path.realpath(run_dir)
+    return run_dir
 
 
 def build_model(arch, model_type, **overrides):

@@ -1,5 +1,6 @@
 """Shared losses: alignment MSE, chunked VQ commitment, two-view contrastive (1 process and 2 gloo ranks)."""
 import socket
+import time
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def _step(xa, xb, proj, temp):
 
 
 def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         xa, xb, proj, temp = _problem()
@@ -118,7 +120,17 @@ def _free_port():
 
 def test_contrastive_two_ranks_equals_one_process_on_full_batch(tmp_path):
     # fork: the children inherit the imported modules (spawn would re-import torch and LAVIS, ~10 s each)
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 60
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2 gloo ranks did not finish within 60 s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     xa, xb, proj, temp = (t.requires_grad_() for t in _problem())

@@ -1,5 +1,20 @@
 """Dataset builders of lavis-pformer; importing registers them with LAVIS."""
 
+from lavis_pformer.datasets.local_image_text import (
+    LocalCaptionBuilder,
+    LocalCaptionDataset,
+    LocalCaptionEvalDataset,
+    LocalVQABuilder,
+    LocalVQAEvalDataset,
+)
 from lavis_pformer.datasets.sentence_corpus import SentenceCorpusBuilder, SentenceCorpusDataset
 
-__all__ = ["SentenceCorpusBuilder", "SentenceCorpusDataset"]
+__all__ = [
+    "LocalCaptionBuilder",
+    "LocalCaptionDataset",
+    "LocalCaptionEvalDataset",
+    "LocalVQABuilder",
+    "LocalVQAEvalDataset",
+    "SentenceCorpusBuilder",
+    "SentenceCorpusDataset",
+]

@@ -1,0 +1,1 @@
+"""Self-contained demo material for lavis-pformer (a synthetic shapes world; nothing is downloaded)."""
