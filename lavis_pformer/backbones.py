@@ -155,7 +155,7 @@ class BackboneMixin:
             path = cfg.get("finetuned")
             if not path:
                 raise ValueError("model.load_finetuned is True but model.finetuned is empty; give a checkpoint path")
-            return self.load_checkpoint(path)
+            return self.load_checkpoint(path, require_complete=True)
         if cfg.get("load_pretrained", True):
             path = cfg.get("pretrained")
             if not path:
@@ -170,7 +170,9 @@ class BackboneMixin:
     def load_from_pretrained(self, url_or_filename):
         return self.load_checkpoint(url_or_filename)
 
-    def load_checkpoint(self, url_or_filename):
+    def load_checkpoint(self, url_or_filename, require_complete=False):
+        """Load weights; ``require_complete`` (``finetuned`` checkpoints, evaluation) makes any missing
+        trainable tensor an error instead of a warning."""
         if is_url(url_or_filename):
             from lavis.common.dist_utils import download_cached_file
 
@@ -178,6 +180,12 @@ class BackboneMixin:
         state_dict = self.adapt_state_dict(load_state_dict_file(url_or_filename, what="model checkpoint"))
         msg = self.load_state_dict(state_dict, strict=False)
         missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
+        if missing and require_complete:
+            raise ValueError(
+                f"{url_or_filename} lacks {len(missing)} tensors that {type(self).__name__} needs (e.g. {missing[:3]}): "
+                "it is not a checkpoint of this model (e.g. a stage-1 or stage-0 checkpoint given for a stage-2 "
+                "model); give the checkpoint of a stage-2 or caption fine-tuning run as model.finetuned"
+            )
         if missing:
             logging.warning("%s: %d trainable tensors not in the checkpoint: %s", url_or_filename, len(missing), missing)
         if msg.unexpected_keys:

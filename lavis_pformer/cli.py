@@ -82,8 +82,19 @@ def train(argv=None):
     return runner
 
 
+def results_table(results):
+    """Markdown table of ``{split: {metric: value}}`` (what ``RunnerBase.evaluate`` returns on rank 0)."""
+    rows = [(split, k, v) for split, metrics in (results or {}).items() for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float))]
+    lines = ["| split | metric | value |", "|---|---|---|"]
+    lines += [f"| {split} | {k} | {v:.4f} |" for split, k, v in rows]
+    return "\n".join(lines)
+
+
 def evaluate(argv=None):
     runner = build(parse_args(argv, "Evaluate with LAVIS + lavis-pformer."))
     results = runner.evaluate(skip_reload=True)
+    if get_rank() == 0:
+        print(results_table(results), flush=True)
     logging.info("Outputs in %s", runner.output_dir)
     return runner, results

@@ -9,7 +9,8 @@ On CPU, or under ``torchrun`` without GPUs:
   without ``device_ids`` on CPU (runner_base.py:85/:92), builds loaders without the CUDA
   ``PrefetchLoader`` (:538), resolves ``output_dir`` against the working directory instead of the
   installed lavis package (:345), evaluates on the run's device (:469 passes cuda_enabled=True),
-  writes checkpoints atomically and keeps ``<output_dir>/latest`` pointing at the newest job folder.
+  writes checkpoints atomically (plus ``checkpoint_last.pth``, the newest epoch) and keeps
+  ``<output_dir>/latest`` pointing at the newest job folder.
 - ``SmoothedValue.synchronize_between_processes`` builds its tensor on "cuda" (common/logger.py:43);
   ``_synchronize_on_backend_device`` replaces it (the one unavoidable shim).
 """
@@ -184,6 +185,9 @@ class RunnerPFormer(RunnerBase):
             self.output_dir = final_dir
         for name in os.listdir(scratch):
             os.replace(scratch / name, final_dir / name)
+            if not is_best:  # checkpoint_last.pth: a fixed name for the next stage (hard link, no copy)
+                os.link(final_dir / name, scratch / "last")
+                os.replace(scratch / "last", final_dir / "checkpoint_last.pth")
         export = getattr(self.unwrap_dist_model(self.model), "export_checkpoint", None)
         if export is not None:
             logging.info("Exported %s", export(str(final_dir)))

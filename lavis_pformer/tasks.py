@@ -5,17 +5,28 @@ LAVIS 1.0.2's training loop logs only ``loss``. ``LossTermLoggingMixin`` wraps `
 entry of the model output is averaged per epoch, logged every ``log_freq`` steps and added to the
 epoch stats that the runner writes to log.txt. The model must return the same ``loss_*`` keys on
 every step and rank, since the meters are all-reduced key by key.
+
+``image_text_pretrain_pformer`` and ``captioning_pformer`` also build the model with
+``from_config(cfg, for_training=not run.evaluate)`` so that the frozen P-Former teacher of stages 1/2
+exists only in training runs (``AlignmentTeacherTaskMixin``); ``captioning_pformer`` scores captions
+offline against a local COCO-format ground truth (``LocalCaptionMetricsMixin``).
 """
 
+import inspect
+import json
 import logging
 import math
+import os
 
 import torch
+from lavis.common.dist_utils import main_process
 from lavis.common.logger import MetricLogger
 from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 from lavis.tasks.captioning import CaptionTask
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
+
+from lavis_pformer.caption_eval import caption_metrics
 
 
 class NonFiniteLossError(FloatingPointError, RuntimeError):
@@ -99,6 +110,22 @@ class LossTermLoggingMixin:
         return stats
 
 
+class AlignmentTeacherTaskMixin:
+    """Builds the model with its P-Former teacher when the run trains (``run.evaluate`` False).
+
+    The plugin's BLIP-2 models take ``from_config(cfg, for_training)``: the frozen P-Former teacher is
+    loaded only for training, so evaluation and ``load_model`` never need it. Models whose
+    ``from_config`` has no ``for_training`` (stock LAVIS ``blip2_opt``...) are built as LAVIS does.
+    """
+
+    def build_model(self, cfg):
+        model_cfg = cfg.model_cfg
+        model_cls = registry.get_model_class(model_cfg.arch)
+        if "for_training" not in inspect.signature(model_cls.from_config).parameters:
+            return model_cls.from_config(model_cfg)
+        return model_cls.from_config(model_cfg, for_training=not cfg.run_cfg.get("evaluate", False))
+
+
 @registry.register_task("pformer_pretrain")
 class PFormerPretrainTask(LossTermLoggingMixin, BaseTask):
     """Text-only P-Former stage 0: train only, no evaluation metric."""
@@ -108,10 +135,38 @@ class PFormerPretrainTask(LossTermLoggingMixin, BaseTask):
 
 
 @registry.register_task("image_text_pretrain_pformer")
-class ImageTextPretrainPFormerTask(LossTermLoggingMixin, ImageTextPretrainTask):
-    """LAVIS ``image_text_pretrain`` with per-term loss logging (stage 1 and 2)."""
+class ImageTextPretrainPFormerTask(AlignmentTeacherTaskMixin, LossTermLoggingMixin, ImageTextPretrainTask):
+    """LAVIS ``image_text_pretrain`` with per-term loss logging and the P-Former teacher (stages 1 and 2)."""
+
+
+class LocalCaptionMetricsMixin:
+    """Caption metrics against the eval dataset's local COCO-format GT (``dataset.coco_gt_file``).
+
+    LAVIS's CaptionTask always downloads the Karpathy GT and runs SPICE; with a local GT file this
+    scores offline (SPICE only with ``run.caption_spice: True``). Without one, LAVIS's path is used.
+    """
+
+    @classmethod
+    def setup_task(cls, cfg):
+        task = super().setup_task(cfg)
+        task.spice = bool(cfg.run_cfg.get("caption_spice", False))
+        return task
+
+    def before_evaluation(self, model, dataset, **kwargs):
+        super().before_evaluation(model, dataset, **kwargs)
+        self.coco_gt_file = getattr(dataset, "coco_gt_file", None)
+
+    @main_process
+    def _report_metrics(self, eval_result_file, split_name):
+        if not getattr(self, "coco_gt_file", None):
+            return super()._report_metrics(eval_result_file=eval_result_file, split_name=split_name)
+        metrics = caption_metrics(self.coco_gt_file, eval_result_file, spice=getattr(self, "spice", False))
+        with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
+            f.write(json.dumps({split_name: metrics}) + "\n")
+        return {**metrics, "agg_metrics": metrics["CIDEr"] + metrics["Bleu_4"]}
 
 
 @registry.register_task("captioning_pformer")
-class CaptionPFormerTask(LossTermLoggingMixin, CaptionTask):
-    """LAVIS ``captioning`` with per-term loss logging (captioning fine-tune)."""
+class CaptionPFormerTask(LocalCaptionMetricsMixin, AlignmentTeacherTaskMixin, LossTermLoggingMixin, CaptionTask):
+    """LAVIS ``captioning`` with offline metrics on a local GT, per-term loss logging and the P-Former
+    teacher (caption fine-tuning and caption evaluation)."""

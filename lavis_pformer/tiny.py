@@ -1,4 +1,4 @@
-"""Tiny BERT / OPT / Flan-T5-like backbones, built offline in seconds.
+"""Tiny BERT / OPT / Flan-T5-like / ViT backbones and a small shapes world, built offline in seconds.
 
 They are saved with ``save_pretrained`` so that models load them through the same code path as the
 real hub models (``bert_model: <dir>``, ``opt_model: <dir>``, ``t5_model: <dir>``). Tokenizers are
@@ -30,6 +30,7 @@ SIZES = {
     "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
     "opt": dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4),
     "t5": dict(d_model=40, d_kv=10, d_ff=80, num_layers=2, num_decoder_layers=2, num_heads=4),
+    "vit": dict(patch_size=8, embed_dim=32, depth=1, num_heads=4),
 }
 
 
@@ -124,30 +125,32 @@ def _save_fast_t5_tokenizer(out_dir):
     subprocess.run([sys.executable, "-c", code, out_dir], check=True, env=env)
 
 
-def build_sentences(path, n=512, seed=0):
-    """A small plain-text corpus, one sentence per line, for the tiny stage-0 configs."""
-    import random
+def build_vit(path, seed=0, image_size=32):
+    """Weights of a tiny ``custom_vit`` (``vit_config`` in ``SIZES["vit"]``), so every stage sees the same ViT."""
+    from lavis_pformer.backbones import custom_vit
 
-    rng = random.Random(seed)
-    colors, shapes = WORDS[WORDS.index("red") : WORDS.index("small")], ["circle", "square", "triangle", "star"]
-    places = ["on the left", "on the right", "at the top", "at the bottom", "in the middle"]
-    lines = []
-    for _ in range(n):
-        objs = [f"a {rng.choice(colors)} {rng.choice(shapes)} {rng.choice(places)}" for _ in range(rng.randint(1, 3))]
-        lines.append(" and ".join(objs) + ".")
+    torch.manual_seed(seed)
+    vit = custom_vit(image_size, SIZES["vit"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    torch.save(vit.state_dict(), path)
     return path
 
 
 def build_all(root, seed=0):
-    """Build ``root/backbones/{bert,opt,t5}`` and ``root/data/sentences.txt``; returns their paths."""
+    """Build ``root/backbones/{bert,opt,t5,vit.pth}`` and a small shapes world in ``root/world``.
+
+    Returns the paths: bert, opt, t5, vit, world (folder) and sentences (its stage-0 corpus).
+    """
+    from lavis_pformer.demo.shapes_world import generate
+
+    world = generate(os.path.join(root, "world"), seed=seed, n_train=64, n_val=16, n_test=16, n_corpus=512)
     paths = {
         "bert": build_bert(os.path.join(root, "backbones", "bert"), seed),
         "opt": build_opt(os.path.join(root, "backbones", "opt"), seed),
         "t5": build_t5(os.path.join(root, "backbones", "t5"), seed),
-        "sentences": build_sentences(os.path.join(root, "data", "sentences.txt"), seed=seed),
+        "vit": build_vit(os.path.join(root, "backbones", "vit.pth"), seed),
+        "world": world["root"],
+        "sentences": world["sentences"],
     }
     with open(os.path.join(root, "backbones", "sizes.json"), "w") as f:
         json.dump(SIZES, f, indent=1)

@@ -20,13 +20,17 @@ def tiny(tmp_path_factory):
 
 
 def run_script(script, cfg, workdir, nproc=1, options=(), timeout=600):
-    """Write ``cfg`` (a dict) to workdir/run.yaml and run ``script`` with it; returns CompletedProcess.
+    """Run ``script`` (train.py / evaluate.py) in ``workdir``; returns the CompletedProcess.
 
+    ``cfg`` is a config dict (written to workdir/run.yaml) or the path of a yaml file.
     nproc > 1 runs under ``torchrun --nproc_per_node=nproc`` (gloo on CPU).
     """
-    cfg_path = os.path.join(workdir, "run.yaml")
-    with open(cfg_path, "w") as f:
-        yaml.safe_dump(cfg, f)
+    if isinstance(cfg, dict):
+        cfg_path = os.path.join(workdir, "run.yaml")
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump(cfg, f)
+    else:
+        cfg_path = os.path.join(REPO, cfg)
     cmd = [sys.executable, os.path.join(REPO, script), "--cfg-path", cfg_path]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -38,6 +42,16 @@ def run_script(script, cfg, workdir, nproc=1, options=(), timeout=600):
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def tiny_workdir(tiny, workdir):
+    """Make ``workdir/output/tiny`` look like ``python -m lavis_pformer.tiny --out output/tiny`` was run there,
+    so that the repository's projects/pformer/tiny configs run unchanged (outputs stay in workdir)."""
+    root = os.path.dirname(os.path.dirname(tiny["bert"]))
+    os.makedirs(os.path.join(workdir, "output", "tiny"), exist_ok=True)
+    for name in ("backbones", "world"):
+        os.symlink(os.path.join(root, name), os.path.join(workdir, "output", "tiny", name))
+    return str(workdir)
 
 
 def _free_port():

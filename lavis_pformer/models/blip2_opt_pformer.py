@@ -1,0 +1,170 @@
+"""Stage 2 with OPT (``blip2_opt_pformer``): LAVIS BLIP-2 OPT + alignment to the P-Former (w2 = 100).
+
+``loss_align = alignment_weight * MSE(opt_proj(query_output), P-Former prompt(caption))``; the trainable
+parameters are those of stock ``blip2_opt`` stage 2 (Q-Former, query tokens, ln_vision, opt_proj); the
+P-Former and OPT are frozen and neither is saved in ``state_dict()``. The checkpoint loads into stock
+LAVIS ``blip2_opt`` for evaluation.
+
+Stage 1 -> 2: a ``blip2_qformer_pformer`` checkpoint's ``llm_proj`` initialises ``opt_proj``; its
+stage-1-only tensors (ITC/ITM heads, the Q-Former's text-side layers) are dropped, as LAVIS does.
+
+Adds what LAVIS 1.0.2's Blip2OPT lacks for zero-shot VQA: ``predict_answers`` and ``apply_lemmatizer``.
+"""
+import logging
+import os
+
+import torch
+
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2_opt import Blip2OPT
+
+from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.config_checks import as_bool
+from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
+from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
+from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+
+# Tensors of a stage-1 checkpoint that stage 2 has no place for (LAVIS drops them with strict=False).
+STAGE1_ONLY_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "Qformer.cls.",
+                        "Qformer.bert.embeddings.word_embeddings.", "Qformer.bert.embeddings.position_embeddings.")
+STAGE1_ONLY_KEYS = ("temp",)
+
+
+class Stage2Mixin:
+    """Shared by the OPT and T5 stage-2 models: ``<llm>_proj`` from stage 1's ``llm_proj``."""
+
+    PROJ = None  # "opt_proj" / "t5_proj"
+
+    def alignment_source(self):
+        return getattr(self, self.PROJ)
+
+    def alignment_prediction(self, projected):
+        return projected
+
+    def lavis_loss_terms(self, output):
+        return {"loss_lm": output["loss"]}
+
+    def adapt_state_dict(self, state_dict):
+        """Rename stage 1's ``llm_proj.*`` to ``<llm>_proj.*`` and drop stage-1-only tensors."""
+        if f"{self.PROJ}.weight" in state_dict or "llm_proj.weight" not in state_dict:
+            return state_dict
+        proj = getattr(self, self.PROJ)
+        width = state_dict["llm_proj.weight"].shape[0]
+        if width != proj.out_features:
+            raise ValueError(
+                f"the stage-1 checkpoint's llm_proj has width {width} but this model's LLM needs "
+                f"{proj.out_features}: stage 1 was trained with a P-Former for another LLM"
+            )
+        own = set(self.state_dict())
+        adapted, dropped = {}, []
+        for key, value in state_dict.items():
+            if key.startswith("llm_proj."):
+                adapted[self.PROJ + key[len("llm_proj"):]] = value
+            elif key not in own and (key.startswith(STAGE1_ONLY_PREFIXES) or key in STAGE1_ONLY_KEYS
+                                     or ".output." in key or ".intermediate." in key):
+                dropped.append(key)
+            else:
+                adapted[key] = value
+        logging.info("stage-1 checkpoint: llm_proj -> %s; %d stage-1-only tensors dropped", self.PROJ, len(dropped))
+        return adapted
+
+    def _check_inference_method(self, inference_method):
+        if inference_method != "generate":
+            raise ValueError(
+                f"{type(self).__name__}.predict_answers supports inference_method 'generate' only, got "
+                f"{inference_method!r}; set run.inference_method: generate"
+            )
+
+
+@registry.register_model("blip2_opt_pformer")
+class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2OPT):
+    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher)."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain_opt2.7b": os.path.join(CONFIG_DIR, "blip2_opt_pformer_pretrain_opt2.7b.yaml"),
+        "pretrain_opt6.7b": os.path.join(CONFIG_DIR, "blip2_opt_pformer_pretrain_opt6.7b.yaml"),
+        "caption_coco_opt2.7b": os.path.join(CONFIG_DIR, "blip2_opt_pformer_caption_coco_opt2.7b.yaml"),
+        "tiny": os.path.join(CONFIG_DIR, "blip2_opt_pformer_tiny.yaml"),
+    }
+    DEFAULT_ALIGNMENT_WEIGHT = 100.0
+    PROJ = "opt_proj"
+
+    def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="fp16",
+                 alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, apply_lemmatizer=False,
+                 for_training=False, **lavis_kwargs):
+        self.set_backbones(bert_model=bert_model, vit_config=vit_config)
+        super().__init__(**lavis_kwargs)
+        self.opt_model = self.cast_llm(self.opt_model, llm_precision)
+        self.exclude_from_checkpoint("opt_model.")
+        self._apply_lemmatizer = apply_lemmatizer
+        self._lemmatizer = None
+        self.setup_alignment(
+            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
+            llm_hidden_size=self.opt_model.config.hidden_size,
+            llm_name=lavis_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
+        )
+
+    def image_prompt(self, image):
+        """The soft prompt OPT reads for ``image`` [B, 3, H, W]: opt_proj(query output) [B, Q, H_opt]."""
+        with self.maybe_autocast():
+            image_embeds = self.ln_vision(self.visual_encoder(image))
+            image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
+            query_output = self.Qformer.bert(
+                query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
+                encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True,
+            )
+            return self.opt_proj(query_output.last_hidden_state)
+
+    @torch.no_grad()
+    def predict_answers(self, samples, num_beams=5, inference_method="generate", max_len=10, min_len=1,
+                        num_ans_candidates=128, answer_list=None, prompt="", length_penalty=-1, **kwargs):
+        """One answer string per question: OPT continues ``prompt.format(question)`` after the image prompt.
+
+        Same arguments as LAVIS's ``Blip2T5.predict_answers`` (num_ans_candidates / answer_list unused).
+        """
+        self._check_inference_method(inference_method)
+        image = samples["image"]
+        questions = samples["text_input"]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        texts = [prompt.format(q) for q in questions] if prompt else questions
+        inputs_opt = self.image_prompt(image)
+        try:
+            # Decoder-only generation: pad on the left so every prompt ends right before the answer.
+            self.opt_tokenizer.padding_side = "left"
+            tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
+                                        max_length=self.max_txt_len).to(image.device)
+        finally:
+            self.opt_tokenizer.padding_side = "right"
+        attention_mask = torch.cat(
+            [torch.ones(inputs_opt.shape[:2], dtype=torch.long, device=image.device), tokens.attention_mask], dim=1
+        )
+        with self.maybe_autocast():
+            outputs = self.opt_model.generate(
+                input_ids=tokens.input_ids,
+                query_embeds=inputs_opt.repeat_interleave(num_beams, dim=0).to(self.opt_model.dtype),
+                attention_mask=attention_mask, do_sample=False, num_beams=num_beams, max_new_tokens=max_len,
+                min_length=min_len, eos_token_id=self.eos_token_id, length_penalty=length_penalty,
+            )
+        answers = self.opt_tokenizer.batch_decode(outputs[:, tokens.input_ids.shape[1]:], skip_special_tokens=True)
+        answers = [a.strip() for a in answers]
+        if self._apply_lemmatizer:
+            answers = self._lemmatize(answers)
+        return answers
+
+    @classmethod
+    def from_config(cls, cfg, for_training=False):
+        """Keys: Blip2OPT's (vit_model, image_size, num_query_token, opt_model, drop_path_rate,
+        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len) + bert_model, vit_config,
+        llm_precision (fp16), alignment_weight (default 100), pformer_checkpoint, apply_lemmatizer,
+        load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
+        """
+        model = cls(
+            opt_model=cfg.get("opt_model", "facebook/opt-2.7b"),
+            prompt=cfg.get("prompt", "") or "",
+            llm_precision=cfg.get("llm_precision", "fp16"),
+            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+            **lavis_vit_qformer_kwargs(cfg),
+            **plugin_kwargs(cls, cfg, for_training),
+        )
+        model.load_checkpoint_from_config(cfg)
+        return model

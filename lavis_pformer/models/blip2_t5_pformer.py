@@ -1,0 +1,104 @@
+"""Stage 2 with Flan-T5 (``blip2_t5_pformer``): LAVIS BLIP-2 T5 + alignment to the P-Former (w2 = 100).
+
+Captioning data gives ``text_input`` only; LAVIS's Blip2T5 needs ``text_input`` (encoder) and
+``text_output`` (decoder target). As in stage 0, each caption is split at a random word boundary
+(``split_prefix_suffix``: the prefix has at least one word, the suffix may be empty) unless the samples
+already carry ``text_output``; a caption that starts with the model's ``prompt`` is split after it.
+The P-Former teacher reads the whole caption (``text_input`` + " " + ``text_output`` when the dataset
+gives both).
+
+``loss_align = alignment_weight * MSE(t5_proj(query_output), P-Former prompt(caption))``; T5 and the
+P-Former are frozen and not saved; the checkpoint loads into stock LAVIS ``blip2_t5``.
+LAVIS casts T5 to bf16 in its constructor; ``llm_precision`` (default bf16, ``fp32`` on CPU) is applied
+afterwards.
+"""
+import os
+import random
+
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2_t5 import Blip2T5
+
+from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.config_checks import as_bool
+from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
+from lavis_pformer.models.blip2_opt_pformer import Stage2Mixin
+from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
+from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.text import split_prefix_suffix
+
+
+def _as_list(texts):
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+@registry.register_model("blip2_t5_pformer")
+class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2T5):
+    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher)."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain_flant5xl": os.path.join(CONFIG_DIR, "blip2_t5_pformer_pretrain_flant5xl.yaml"),
+        "caption_coco_flant5xl": os.path.join(CONFIG_DIR, "blip2_t5_pformer_caption_coco_flant5xl.yaml"),
+        "tiny": os.path.join(CONFIG_DIR, "blip2_t5_pformer_tiny.yaml"),
+    }
+    DEFAULT_ALIGNMENT_WEIGHT = 100.0
+    PROJ = "t5_proj"
+
+    def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
+                 alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
+                 split_seed=0, **lavis_kwargs):
+        self.set_backbones(bert_model=bert_model, vit_config=vit_config)
+        super().__init__(**lavis_kwargs)  # casts T5 to bf16
+        self.t5_model = self.cast_llm(self.t5_model, llm_precision)
+        self.exclude_from_checkpoint("t5_model.")
+        self.rng = random.Random(split_seed)
+        self.setup_alignment(
+            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
+            llm_hidden_size=self.t5_model.config.hidden_size,
+            llm_name=lavis_kwargs.get("t5_model", "google/flan-t5-xl"), for_training=for_training,
+        )
+
+    def prepare_lavis_samples(self, samples):
+        """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.
+
+        A caption that starts with the model's ``prompt`` (captioning fine-tune: "a photo of ...") is split
+        after the prompt, so the encoder reads what ``generate`` feeds it; others at a random word boundary.
+        """
+        if "text_output" in samples:
+            return samples
+        prefixes, suffixes = zip(*(self.split_caption(t) for t in _as_list(samples["text_input"])))
+        return dict(samples, text_input=list(prefixes), text_output=list(suffixes))
+
+    def split_caption(self, text):
+        prompt = (self.prompt or "").strip()
+        if prompt and text.startswith(prompt) and text[len(prompt):].strip():
+            return prompt, text[len(prompt):].strip()
+        return split_prefix_suffix(text, self.rng)
+
+    def alignment_texts(self, samples):
+        texts = _as_list(samples["text_input"])
+        if "text_output" in samples:
+            texts = [f"{a} {b}".strip() for a, b in zip(texts, _as_list(samples["text_output"]))]
+        return [strip_prompt(t, self.prompt) for t in texts]
+
+    def predict_answers(self, samples, num_beams=5, inference_method="generate", *args, **kwargs):
+        """LAVIS's ``Blip2T5.predict_answers`` ('generate' only, said loudly; lemmatizer without exit(1))."""
+        self._check_inference_method(inference_method)
+        return super().predict_answers(samples, num_beams, inference_method, *args, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, for_training=False):
+        """Keys: Blip2T5's (vit_model, image_size, num_query_token, t5_model, drop_path_rate,
+        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len, apply_lemmatizer) + bert_model,
+        vit_config, llm_precision (bf16), alignment_weight (default 100), pformer_checkpoint,
+        load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
+        """
+        model = cls(
+            t5_model=cfg.get("t5_model", "google/flan-t5-xl"),
+            prompt=cfg.get("prompt", "") or "",
+            llm_precision=cfg.get("llm_precision", "bf16"),
+            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+            **lavis_vit_qformer_kwargs(cfg),
+            **plugin_kwargs(cls, cfg, for_training),
+        )
+        model.load_checkpoint_from_config(cfg)
+        return model

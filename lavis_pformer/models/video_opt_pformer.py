@@ -1,0 +1,253 @@
+"""Video captioning on precomputed clip features with a frozen OPT (``video_opt_pformer``; paper Table 7, VATEX).
+
+    clip features [B, T <= max_clips, feat_dim] + clip_mask [B, T]
+      -> LayerNorm + learned temporal position embedding          (ln_features, clip_position)
+      -> connector: LAVIS's Q-Former BertModel, Q learned query tokens self-attending and cross-attending
+         to the (unmasked) clips                                  (Qformer, query_tokens) -> [B, Q, H_q]
+      -> opt_proj: Linear(H_q, H_llm)                              -> soft prompt [B, Q, H_llm]
+      -> frozen OPT reads [soft prompt ; caption tokens]          (captioning loss, ``loss_lm``)
+
+plus, as in image stage 2, ``loss_align = alignment_weight * MSE(opt_proj output, P-Former prompt(caption))``
+from :class:`~lavis_pformer.models.alignment.PFormerAlignmentMixin` and
+:func:`~lavis_pformer.losses.alignment_loss`, both unchanged.
+
+Why a Q-Former connector (and not a plain BERT encoder over the projected clips): its output always has
+Q = ``num_query_token`` positions whatever the number of clips, which is exactly the shape of the P-Former
+prompt [B, Q, H_llm] that the alignment loss compares it with; a plain encoder would output one vector per
+clip (a variable number, partly padding), leaving the alignment target undefined. Padding clips are
+excluded through the cross-attention mask, so the output does not depend on padding. The connector takes its
+config and initial weights from ``bert_model`` (bert-base-uncased in the paper-sized config; its
+cross-attention layers, every ``cross_attention_freq``-th block, are new), as BLIP-2's Q-Former does; its
+text-only parts (word/position embeddings, the text FFNs, the LM head) are removed, as LAVIS's Blip2OPT does.
+
+Trainable: ln_features, clip_position, query_tokens, Qformer, opt_proj. Frozen and never saved: the OPT
+(``opt_model.``) and the P-Former teacher. The teacher exists only when the model is built for training with
+``alignment_weight > 0`` (task ``captioning_pformer`` passes ``for_training``), so evaluation never needs it.
+
+``lm_weight`` scales the captioning loss; ``lm_weight: 0`` trains the connector on the alignment loss alone
+(the OPT is then not run in ``forward``): stage 1 of the two-stage schedule. ``loss_lm`` in the output is
+the weighted term, so ``loss = loss_lm + loss_align``.
+
+Samples: ``clip_features`` [B, T, feat_dim] float, ``clip_mask`` [B, T] (1 = clip, 0 = padding; all ones when
+absent), ``text_input`` (training). ``generate`` follows LAVIS's ``Blip2OPT.generate`` (beam search by default;
+the OPT continues the configurable ``prompt`` after the soft prompt).
+"""
+import logging
+import os
+
+import torch
+import torch.nn as nn
+from transformers import AutoTokenizer
+
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
+from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
+
+from lavis_pformer.backbones import DTYPES, BackboneMixin
+from lavis_pformer.config_checks import as_float, as_int
+from lavis_pformer.models.alignment import PFormerAlignmentMixin
+from lavis_pformer.models.blip2_qformer_pformer import optional_str
+from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+
+FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
+
+
+class VideoOPT(BackboneMixin, Blip2Base):
+    """The video captioner without the P-Former side: connector + projection + frozen OPT."""
+
+    def __init__(self, bert_model="bert-base-uncased", num_query_token=32, cross_attention_freq=2, feat_dim=1024,
+                 max_clips=32, opt_model="facebook/opt-2.7b", llm_precision="fp16", prompt="", max_txt_len=32,
+                 lm_weight=1.0):
+        self.set_backbones(bert_model=bert_model)
+        super().__init__()
+        self.tokenizer = self.init_tokenizer()  # BERT tokenizer: the P-Former teacher reads captions with it
+        self.feat_dim, self.max_clips, self.lm_weight = int(feat_dim), int(max_clips), float(lm_weight)
+
+        self.ln_features = LayerNorm(self.feat_dim)
+        self.clip_position = nn.Parameter(torch.zeros(1, self.max_clips, self.feat_dim))
+        nn.init.trunc_normal_(self.clip_position, std=0.02)
+        self.Qformer, self.query_tokens = self.init_Qformer(num_query_token, self.feat_dim, cross_attention_freq)
+        # text-only parts of the Q-Former are unused (as in LAVIS's Blip2OPT)
+        self.Qformer.cls = None
+        self.Qformer.bert.embeddings.word_embeddings = None
+        self.Qformer.bert.embeddings.position_embeddings = None
+        for layer in self.Qformer.bert.encoder.layer:
+            layer.output = None
+            layer.intermediate = None
+
+        if llm_precision not in DTYPES:
+            raise ValueError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{llm_precision}'")
+        self.opt_tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
+        self.opt_model = OPTForCausalLM.from_pretrained(opt_model, torch_dtype=DTYPES[llm_precision])
+        for param in self.opt_model.parameters():
+            param.requires_grad = False
+        self.exclude_from_checkpoint("opt_model.")
+        self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
+        self.opt_proj = nn.Linear(self.Qformer.config.hidden_size, self.opt_model.config.hidden_size)
+
+        self.max_txt_len = max_txt_len
+        self.prompt = prompt or ""
+        self.prompt_length = int(self.opt_tokenizer(self.prompt, return_tensors="pt").attention_mask.sum())
+
+    # --- video side ------------------------------------------------------------------------------------
+
+    def clip_inputs(self, samples):
+        """(features [B, T, feat_dim], mask [B, T] long) from the samples, checked."""
+        if FEATURES_KEY not in samples:
+            raise KeyError(f"{type(self).__name__} reads samples['{FEATURES_KEY}'] (clip features [B, T, feat_dim]); "
+                           f"got keys {sorted(samples)}. Use the video_features_caption dataset builder.")
+        features = samples[FEATURES_KEY]
+        if features.dim() != 3 or features.shape[-1] != self.feat_dim:
+            raise ValueError(f"{FEATURES_KEY} must be [B, T, {self.feat_dim}] (model.feat_dim), got {tuple(features.shape)}")
+        if features.shape[1] > self.max_clips:
+            raise ValueError(f"{FEATURES_KEY} has {features.shape[1]} clips, more than model.max_clips={self.max_clips}; "
+                             "set the dataset's max_clips to at most the model's")
+        mask = samples.get(MASK_KEY)
+        if mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
+        if mask.shape != features.shape[:2]:
+            raise ValueError(f"{MASK_KEY} {tuple(mask.shape)} does not match {FEATURES_KEY} {tuple(features.shape)}")
+        if not bool((mask.sum(1) > 0).all()):
+            raise ValueError(f"{MASK_KEY}: every video needs at least one clip")
+        return features, mask.long()
+
+    def encode_video(self, features, mask):
+        """Connector output [B, Q, H_q]: the query tokens after attending to the unmasked clips."""
+        clips = self.ln_features(features) + self.clip_position[:, : features.shape[1]].to(features.dtype)
+        output = self.Qformer.bert(
+            query_embeds=self.query_tokens.expand(features.shape[0], -1, -1),
+            encoder_hidden_states=clips, encoder_attention_mask=mask, return_dict=True,
+        )
+        return output.last_hidden_state
+
+    def video_prompt(self, features, mask):
+        """The soft prompt the OPT reads: opt_proj(connector output) [B, Q, H_llm]."""
+        with self.maybe_autocast():
+            return self.opt_proj(self.encode_video(features, mask))
+
+    # --- OPT side ----------------------------------------------------------------------------------------
+
+    def llm_autocast(self):
+        dtype = self.opt_model.dtype
+        return self.maybe_autocast(dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
+
+    def caption_loss(self, inputs_opt, texts):
+        """Causal LM loss of ``text + "\\n"`` after the soft prompt (prompt, padding and the prefix ignored)."""
+        device = inputs_opt.device
+        self.opt_tokenizer.padding_side = "right"
+        tokens = self.opt_tokenizer([t + "\n" for t in texts], return_tensors="pt", padding="longest",
+                                    truncation=True, max_length=self.max_txt_len).to(device)
+        targets = tokens.input_ids.masked_fill(tokens.input_ids == self.opt_tokenizer.pad_token_id, -100)
+        if self.prompt:
+            targets[:, : self.prompt_length] = -100
+        prefix_len = inputs_opt.shape[1]
+        targets = torch.cat([targets.new_full((targets.shape[0], prefix_len), -100), targets], dim=1)
+        embeds = self.opt_model.get_input_embeddings()(tokens.input_ids)
+        inputs_embeds = torch.cat([inputs_opt.to(embeds.dtype), embeds], dim=1)
+        attention_mask = torch.cat([tokens.attention_mask.new_ones(inputs_opt.shape[:2]), tokens.attention_mask], 1)
+        with self.llm_autocast():
+            out = self.opt_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=targets,
+                                 return_dict=True)
+        return out.loss
+
+    def forward(self, samples):
+        """{"loss": captioning loss} ({"loss": None} when lm_weight is 0: only the prompt is computed)."""
+        inputs_opt = self.video_prompt(*self.clip_inputs(samples))
+        if self.lm_weight == 0:
+            return {"loss": None}
+        texts = samples["text_input"]
+        return {"loss": self.caption_loss(inputs_opt, [texts] if isinstance(texts, str) else list(texts))}
+
+    @torch.no_grad()
+    def generate(self, samples, use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1, top_p=0.9,
+                 repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1):
+        """Captions of the videos (``num_captions`` per video), as LAVIS's Blip2OPT.generate for images."""
+        features, mask = self.clip_inputs(samples)
+        inputs_opt = self.video_prompt(features, mask)
+        batch = features.shape[0]
+        prompt = samples.get("prompt", self.prompt) or ""
+        opt_tokens = self.opt_tokenizer([prompt] * batch, return_tensors="pt").to(features.device)
+        attention_mask = torch.cat([opt_tokens.attention_mask.new_ones(inputs_opt.shape[:2]),
+                                    opt_tokens.attention_mask], dim=1)
+        if use_nucleus_sampling:
+            query_embeds, num_beams = inputs_opt.repeat_interleave(num_captions, dim=0), 1
+        else:
+            query_embeds = inputs_opt.repeat_interleave(num_beams, dim=0)
+        with self.llm_autocast():
+            outputs = self.opt_model.generate(
+                input_ids=opt_tokens.input_ids, query_embeds=query_embeds.to(self.opt_model.dtype),
+                attention_mask=attention_mask, do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature,
+                num_beams=num_beams, max_new_tokens=max_length, min_length=min_length, eos_token_id=self.eos_token_id,
+                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                num_return_sequences=num_captions,
+            )
+        texts = self.opt_tokenizer.batch_decode(outputs[:, opt_tokens.input_ids.shape[1]:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+
+@registry.register_model("video_opt_pformer")
+class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
+    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "vatex_opt2.7b": os.path.join(CONFIG_DIR, "video_opt_pformer_vatex_opt2.7b.yaml"),
+        "tiny": os.path.join(CONFIG_DIR, "video_opt_pformer_tiny.yaml"),
+    }
+    # The captioning loss is trained with the prompt aligned as in image stage 2 (w2 = 100, METHOD.md).
+    DEFAULT_ALIGNMENT_WEIGHT = 100.0
+
+    def __init__(self, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
+                 **video_kwargs):
+        super().__init__(**video_kwargs)
+        self.setup_alignment(
+            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
+            llm_hidden_size=self.opt_model.config.hidden_size,
+            llm_name=video_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
+        )
+        if self.lm_weight == 0 and self.alignment_weight == 0:
+            raise ValueError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
+                             "lm_weight: 1 (captioning) and/or alignment_weight > 0 (alignment to the P-Former)")
+
+    def alignment_source(self):
+        return self.opt_proj
+
+    def alignment_prediction(self, projected):
+        return projected
+
+    def lavis_loss_terms(self, output):
+        return {} if output["loss"] is None else {"loss_lm": self.lm_weight * output["loss"]}
+
+    def forward(self, samples):
+        if self.lm_weight == 0 and self.pformer_teacher is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: lm_weight is 0 and there is no P-Former teacher, so there is no loss. "
+                "An alignment-only run needs model.alignment_weight > 0, model.pformer_checkpoint and run.task "
+                "captioning_pformer (which builds the model for training)."
+            )
+        return super().forward(samples)
+
+    @classmethod
+    def from_config(cls, cfg, for_training=False):
+        """Keys: bert_model, num_query_token (32), cross_attention_freq (2), feat_dim (1024), max_clips (32),
+        opt_model, llm_precision (fp16), prompt (""), max_txt_len (32), lm_weight (1), alignment_weight (100),
+        pformer_checkpoint, load_pretrained / pretrained, load_finetuned / finetuned.
+        """
+        model = cls(
+            bert_model=cfg.get("bert_model", "bert-base-uncased"),
+            num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
+            cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
+            feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
+            max_clips=as_int(cfg, "max_clips", 32, minimum=1),
+            opt_model=cfg.get("opt_model", "facebook/opt-2.7b"),
+            llm_precision=cfg.get("llm_precision", "fp16"),
+            prompt=optional_str(cfg, "prompt") or "",
+            max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+            alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
+            pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
+            for_training=bool(for_training),
+        )
+        model.load_checkpoint_from_config(cfg)
+        logging.info("%s: %d trainable parameters", cls.__name__,
+                     sum(p.numel() for p in model.parameters() if p.requires_grad))
+        return model
