@@ -58,19 +58,31 @@ def custom_vit(img_size, vit_config, drop_path_rate=0.0, use_grad_checkpoint=Fal
     return vit
 
 
-def load_state_dict_file(path, what="checkpoint"):
-    """``torch.load(weights_only=True)`` of a local file; returns its "model" dict if it has one."""
+def read_checkpoint(path, what="checkpoint"):
+    """``torch.load(weights_only=True)`` of a local file, with errors that name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: no file at {path}; check the path in the config or --options")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, pickles with code, not a torch file at all
         raise ValueError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
+
+
+def load_state_dict_file(path, what="checkpoint"):
+    """The state dict of a checkpoint file (its "model" entry if it has one)."""
+    checkpoint = read_checkpoint(path, what)
     if isinstance(checkpoint, dict) and "model" in checkpoint:
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{what}: {path} does not hold a state dict")
     return checkpoint
+
+
+def checkpoint_arch(checkpoint):
+    """``model.arch`` of the run that wrote a LAVIS training checkpoint, or None."""
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    return model.get("arch") if isinstance(model, dict) else None
 
 
 def _drop_non_checkpoint_keys(module, state_dict, prefix, local_metadata):
@@ -177,7 +189,13 @@ class BackboneMixin:
             from lavis.common.dist_utils import download_cached_file
 
             url_or_filename = download_cached_file(url_or_filename, check_hash=False, progress=True)
-        state_dict = self.adapt_state_dict(load_state_dict_file(url_or_filename, what="model checkpoint"))
+        checkpoint = read_checkpoint(url_or_filename, what="model checkpoint")
+        if require_complete:
+            self.check_checkpoint_arch(url_or_filename, checkpoint_arch(checkpoint))
+        state_dict = checkpoint["model"] if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"model checkpoint: {url_or_filename} does not hold a state dict")
+        state_dict = self.adapt_state_dict(state_dict)
         msg = self.load_state_dict(state_dict, strict=False)
         missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
         if missing and require_complete:
@@ -194,6 +212,21 @@ class BackboneMixin:
             )
         logging.info("loaded checkpoint %s (%d tensors)", url_or_filename, len(state_dict))
         return msg
+
+    # Archs whose checkpoints this model can evaluate as-is (besides its own), e.g. stock "blip2_opt".
+    compatible_archs = ()
+
+    def check_checkpoint_arch(self, path, arch):
+        """A ``finetuned`` checkpoint must come from a run of this model (or its stock LAVIS twin)."""
+        from lavis.common.registry import registry
+
+        own = {name for name, cls in registry.mapping["model_name_mapping"].items() if cls is type(self)}
+        if arch is not None and arch not in own | set(self.compatible_archs):
+            raise ValueError(
+                f"{path} was written by a '{arch}' run, so it is not a checkpoint of this model "
+                f"({', '.join(sorted(own))}); give model.finetuned the checkpoint of a "
+                f"{' / '.join(sorted(own | set(self.compatible_archs)))} run (stage 2 or caption fine-tuning)"
+            )
 
     def adapt_state_dict(self, state_dict):
         """Hook for subclasses to rename keys of an earlier stage's checkpoint."""

@@ -1,6 +1,7 @@
 """The paper-scale configs parse with LAVIS's Config and build with backbones pointed at tiny local dirs."""
 import argparse
 import glob
+import json
 import os
 
 import pytest
@@ -39,3 +40,50 @@ def test_every_run_script_names_an_existing_config():
         for token in text.split():
             if token.startswith("projects/pformer/"):
                 assert os.path.isfile(os.path.join(REPO, token)), (script, token)
+
+
+EVAL = os.path.join(REPO, "projects", "pformer", "eval")
+EVAL_TASKS = {"vqav2": ("vqa", "coco_vqa"), "okvqa": ("vqa", "ok_vqa"), "gqa": ("gqa", "gqa"),
+              "nocaps": ("captioning_pformer", "nocaps"), "caption": ("captioning_pformer", "coco_caption")}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EVAL, "*.yaml"))))
+def test_eval_configs_point_at_lavis_tasks_and_builders(path):
+    cfg = Config(argparse.Namespace(cfg_path=path, options=[]))
+    task, builder = EVAL_TASKS[os.path.basename(path).split("_")[0]]
+    assert cfg.run_cfg.task == task and registry.get_task_class(task) is not None
+    assert list(cfg.datasets_cfg) == [builder] and registry.get_builder_class(builder) is not None
+    assert cfg.run_cfg.evaluate is True and cfg.run_cfg.num_beams == 5
+    assert cfg.model_cfg.arch in ("blip2_opt_pformer", "blip2_t5_pformer") and cfg.model_cfg.load_finetuned
+    if task != "captioning_pformer":
+        assert cfg.run_cfg.prompt == "Question: {} Short answer:" and cfg.run_cfg.max_len == 10
+        assert cfg.run_cfg.inference_method == "generate"
+    assert cfg.model_cfg.get("apply_lemmatizer", False) == ("okvqa" in path)
+
+
+@pytest.mark.parametrize("name", ["vqav2_zeroshot_opt2.7b.yaml", "okvqa_zeroshot_flant5xl.yaml"])
+def test_vqa_eval_config_builds_lavis_datasets_on_local_files(name, tiny):
+    import lavis.tasks as tasks
+
+    world = tiny["world"]
+    split = "val" if "vqav2" in name else "test"
+    files = [f"{world}/vqa_val.json", f"{world}/vqa_answer_list.json",
+             f"{world}/vqa_val_questions.json", f"{world}/vqa_val_annotations.json"]
+    builder = "coco_vqa" if "vqav2" in name else "ok_vqa"
+    listing = "[" + ",".join(files) + "]"
+    cfg = Config(argparse.Namespace(cfg_path=os.path.join(EVAL, name), options=[
+        f"datasets.{builder}.build_info.annotations.{split}.url={listing}",
+        f"datasets.{builder}.build_info.annotations.{split}.storage={listing}",
+        f"datasets.{builder}.build_info.images.storage={world}",
+        f"datasets.{builder}.vis_processor.eval.image_size=32",
+        # LAVIS's ok_vqa default also lists a train split: offline, every listed split must be local
+        *([f"datasets.ok_vqa.build_info.annotations.train.url=[{files[0]}]",
+           f"datasets.ok_vqa.build_info.annotations.train.storage=[{files[0]}]"] if builder == "ok_vqa" else []),
+    ]))
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    dataset = datasets[builder][split]
+    assert len(dataset) == len(json.load(open(files[0])))
+    assert task.ques_files[split] == files[2] and task.anno_files[split] == files[3]
+    item = dataset[0]
+    assert item["image"].shape == (3, 32, 32) and item["text_input"]

@@ -128,3 +128,52 @@ def test_generate_reconstructs_strings(opt_model, t5_model):
 def test_weight_given_as_string_is_rejected(tiny):
     with pytest.raises(ValueError, match="vq_weight must be a number"):
         build_model("pformer_opt", "pformer_opt2.7b", **tiny_stage0_overrides(tiny, "opt", vq_weight="1,"))
+
+
+QA = {"question": ["what color is the circle", "how many objects are there"], "answer": ["red", "2"]}
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_optional_qa_term(llm, tiny):
+    arch, model_type = {"opt": ("pformer_opt", "pformer_opt2.7b"), "t5": ("pformer_t5", "pformer_flant5xl")}[llm]
+    model = build_model(arch, model_type, **tiny_stage0_overrides(tiny, llm, qa_weight=2.0)).train()
+    captions = ["a red circle at the top left.", "a red circle and a blue square."]
+    out = model({"text_input": captions, **QA})
+    assert "loss_qa" in out and torch.isfinite(out["loss_qa"]) and out["loss_qa"] > 0
+    out["loss_qa"].backward()
+    assert model.pformer.llm_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.llm_module().parameters())
+    with pytest.raises(ValueError, match="qa_weight > 0 needs"):
+        model({"text_input": captions})
+
+
+def test_qa_loss_scores_only_the_answer(opt_model):
+    model = copy.deepcopy(opt_model).eval()
+    prompt = model.prompt(["a red circle."])
+    question = [model.qa_prompt.format("what color is the circle")]
+    base = model.llm_qa_loss(prompt, question, ["red"])
+    other_question = [model.qa_prompt.format("what shape is the red object")]
+    # same answer, different question: the loss changes only through the context, and a longer answer
+    # adds terms: both values are finite and differ from a loss over the whole text
+    assert torch.isfinite(base) and torch.isfinite(model.llm_qa_loss(prompt, other_question, ["red"]))
+    whole = model.llm_loss(prompt, [question[0] + " red"])
+    assert not torch.isclose(base, whole)
+
+
+def test_corpus_passes_qa_fields_through(tmp_path):
+    import json
+
+    import lavis_pformer  # noqa: F401
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"caption": "A red circle.", "question": "What color is the circle?", "answer": "red"},
+        {"caption": "A blue square.", "question": "What shape is it?", "answer": "square"},
+    ]))
+    cfg = OmegaConf.create({"build_info": {"annotations": {"train": {"storage": str(path)}}}})
+    dataset = registry.get_builder_class("sentence_corpus")(cfg).build_datasets()["train"]
+    batch = dataset.collater([dataset[0], dataset[1]])
+    assert batch["question"] == ["what color is the circle?", "what shape is it?"]  # as LAVIS's blip_question
+    assert batch["answer"] == ["red", "square"] and batch["text_input"][0] == "a red circle"

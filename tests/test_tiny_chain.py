@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_workdir
+from conftest import run_script, tiny_workdir
 
 TINY = "projects/pformer/tiny"
 ONE_EPOCH = ["run.max_epoch=1"]
@@ -25,9 +25,16 @@ def last_stats(workdir, name):
     return json.loads(log[-1])
 
 
-def test_opt_chain_one_process_then_evaluation(tiny, tmp_path):
-    workdir = tiny_workdir(tiny, tmp_path)
+@pytest.fixture(scope="module")
+def opt_chain(tiny, tmp_path_factory):
+    """Working folder where the tiny OPT chain (stage 0 -> 1 -> 2) ran in one CPU process."""
+    workdir = tiny_workdir(tiny, tmp_path_factory.mktemp("opt_chain"))
     run_chain(workdir, "opt")
+    return workdir
+
+
+def test_opt_chain_one_process_then_evaluation(tiny, opt_chain):
+    workdir = opt_chain
     assert {"train_loss_itc", "train_loss_itm", "train_loss_lm", "train_loss_align"} <= set(last_stats(workdir, "stage1_opt"))
     assert {"train_loss_lm", "train_loss_align"} <= set(last_stats(workdir, "stage2_opt"))
     stage1 = torch.load(os.path.join(workdir, "output/tiny/stage1_opt/latest/checkpoint_last.pth"), weights_only=True)
@@ -65,14 +72,12 @@ def test_t5_chain_one_process(tiny, tmp_path):
     assert "| test | agg_metrics |" in proc.stdout
 
 
-def test_stage2_checkpoint_is_a_working_captioner(tiny, tmp_path, monkeypatch):
+def test_stage2_checkpoint_is_a_working_captioner(tiny, opt_chain, monkeypatch):
     import lavis_pformer  # noqa: F401
     from lavis.models import load_model_and_preprocess
     from PIL import Image
 
-    workdir = tiny_workdir(tiny, tmp_path)
-    run_chain(workdir, "opt")
-    monkeypatch.chdir(workdir)
+    monkeypatch.chdir(opt_chain)
     model, vis, _ = load_model_and_preprocess("blip2_opt_pformer", "tiny", is_eval=True)
     assert model.pformer_teacher is None
     model.load_checkpoint("output/tiny/stage2_opt/latest/checkpoint_last.pth")
@@ -81,10 +86,7 @@ def test_stage2_checkpoint_is_a_working_captioner(tiny, tmp_path, monkeypatch):
     assert len(captions) == 1 and isinstance(captions[0], str)
 
 
-def test_evaluating_a_stage1_checkpoint_is_a_clear_error(tiny, tmp_path):
-    workdir = tiny_workdir(tiny, tmp_path)
-    for stage in (0, 1):
-        run_script("train.py", f"{TINY}/pretrain_stage{stage}_opt.yaml", workdir, options=ONE_EPOCH)
+def test_evaluating_a_stage1_checkpoint_is_a_clear_error(opt_chain):
     with pytest.raises(AssertionError, match="not a checkpoint of this model"):
-        run_script("evaluate.py", f"{TINY}/eval_vqa_opt.yaml", workdir,
+        run_script("evaluate.py", f"{TINY}/eval_vqa_opt.yaml", opt_chain,
                    options=["model.finetuned=output/tiny/stage1_opt/latest/checkpoint_last.pth"])

@@ -10,6 +10,9 @@ Formats:
 - ``.json``: a JSON list of such objects (if the content starts with ``{`` it is read as JSON lines).
 - other extensions: sniffed from the first non-blank character (``[`` list, ``{`` JSON lines, else text).
 
+JSON-lines records may also carry ``question`` and ``answer`` (the demo's text-only QA triples); they are
+passed through (the question cleaned like LAVIS's ``blip_question``) for stage 0's optional QA term.
+
 Blank or whitespace-only sentences are skipped and counted in the log. A missing file raises
 FileNotFoundError; an empty, undecodable or malformed file raises ValueError naming the file.
 Bad records (a JSON line that does not parse or has no ``caption``/``text`` string, a JSON-list
@@ -36,6 +39,7 @@ from array import array
 
 import numpy as np
 from lavis.common.registry import registry
+from lavis.processors.blip_processors import BlipQuestionProcessor
 from lavis.datasets.builders.base_dataset_builder import (
     BaseDatasetBuilder,
     load_dataset_config,
@@ -52,6 +56,9 @@ _CONFIG_PATH = os.path.join(
     "sentence_corpus.yaml",
 )
 _BOM = b"\xef\xbb\xbf"
+# Optional fields of JSON-lines records, passed through for stage 0's text-only QA term.
+QA_FIELDS = ("question", "answer")
+_QUESTION_PROCESSOR = BlipQuestionProcessor()
 _RECORD_HINT = 'expected a JSON object with a "caption" or "text" string'
 
 
@@ -184,10 +191,20 @@ class _LineSource:
         return state
 
     def __getitem__(self, i):
+        return _LINE_PARSERS[self.fmt](self._read_line(i)).strip()
+
+    def extras(self, i):
+        """QA fields of a JSON-lines record ({"question", "answer"} if present), else {}."""
+        if self.fmt != "jsonl":
+            return {}
+        record = json.loads(self._read_line(i))
+        return {k: str(record[k]).strip() for k in QA_FIELDS if k in record}
+
+    def _read_line(self, i):
         if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(int(self.offsets[i]))
-        return _LINE_PARSERS[self.fmt](self._fh.readline()).strip()
+        return self._fh.readline()
 
 
 class _BufferSource:
@@ -267,16 +284,23 @@ class SentenceCorpusDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} sentences")
         src = int(np.searchsorted(self._starts, index, side="right")) - 1
-        text = self.sources[src][index - int(self._starts[src])]
+        source, local = self.sources[src], index - int(self._starts[src])
+        text = source[local]
         if self.text_processor is not None:
             text = self.text_processor(text)
-        return {"text_input": text, "instance_id": str(index)}
+        item = {"text_input": text, "instance_id": str(index)}
+        extras = source.extras(local) if hasattr(source, "extras") else {}
+        if "question" in extras:  # cleaned as LAVIS's VQA evaluation cleans questions
+            extras["question"] = _QUESTION_PROCESSOR(extras["question"])
+        item.update(extras)
+        return item
 
     def collater(self, samples):
-        return {
-            "text_input": [s["text_input"] for s in samples],
-            "instance_id": [s["instance_id"] for s in samples],
-        }
+        batch = {key: [s[key] for s in samples] for key in ("text_input", "instance_id")}
+        for key in QA_FIELDS:
+            if all(key in s for s in samples):
+                batch[key] = [s[key] for s in samples]
+        return batch
 
 
 @registry.register_builder("sentence_corpus")

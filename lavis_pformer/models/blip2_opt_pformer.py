@@ -86,6 +86,7 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
         "caption_coco_opt2.7b": os.path.join(CONFIG_DIR, "blip2_opt_pformer_caption_coco_opt2.7b.yaml"),
         "tiny": os.path.join(CONFIG_DIR, "blip2_opt_pformer_tiny.yaml"),
     }
+    compatible_archs = ("blip2_opt",)
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
     PROJ = "opt_proj"
 

@@ -69,6 +69,7 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
         "pretrain": os.path.join(CONFIG_DIR, "blip2_qformer_pformer_pretrain.yaml"),
         "tiny": os.path.join(CONFIG_DIR, "blip2_qformer_pformer_tiny.yaml"),
     }
+    compatible_archs = ("blip2", "blip2_feature_extractor")
     DEFAULT_ALIGNMENT_WEIGHT = 10.0
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT,

@@ -40,6 +40,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         "caption_coco_flant5xl": os.path.join(CONFIG_DIR, "blip2_t5_pformer_caption_coco_flant5xl.yaml"),
         "tiny": os.path.join(CONFIG_DIR, "blip2_t5_pformer_tiny.yaml"),
     }
+    compatible_archs = ("blip2_t5",)
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
     PROJ = "t5_proj"
 

@@ -51,6 +51,18 @@ class PFormerOPT(PFormerPretrain):
         with self.maybe_autocast():
             return self.opt_model(inputs_embeds=embeds, attention_mask=attention, labels=targets, return_dict=True).loss
 
+    def llm_qa_loss(self, prompt, questions, answers):
+        texts = [f"{q} {a}\n" for q, a in zip(questions, answers)]
+        embeds, attention, targets = self.opt_inputs(prompt, texts)
+        question_lengths = self.opt_tokenizer(questions, return_tensors="pt", padding="longest").attention_mask.sum(1)
+        positions = torch.arange(targets.size(1), device=targets.device)
+        before_answer = positions[None, :] < prompt.size(1) + question_lengths.to(targets.device)[:, None]
+        with self.maybe_autocast():
+            return self.opt_model(
+                inputs_embeds=embeds, attention_mask=attention, labels=targets.masked_fill(before_answer, -100),
+                return_dict=True,
+            ).loss
+
     @torch.no_grad()
     def generate(self, samples, num_beams=1, max_length=30, min_length=1, **kwargs):
         """OPT's reconstruction of ``samples["text_input"]`` from the P-Former prompt alone: list of str."""

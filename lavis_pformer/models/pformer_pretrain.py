@@ -1,7 +1,11 @@
 """Stage 0, shared by OPT and T5: a P-Former trained on text alone against a frozen LLM.
 
 Subclasses (``pformer_opt``, ``pformer_t5``) load the LLM and define ``llm_loss`` (reconstruction
-through the prompt), ``llm_input_embeddings`` (the VQ codebook) and ``generate``.
+through the prompt), ``llm_qa_loss``, ``llm_input_embeddings`` (the VQ codebook) and ``generate``.
+
+Optional extension (off by default, not in the paper): ``qa_weight`` > 0 adds a text-only QA term. For
+(caption, question, answer) records the frozen LLM reads ``[prompt(caption) ; "Question: q Short
+answer:"]`` and is trained, through the prompt only, to produce the answer. No image is involved.
 """
 import logging
 import os
@@ -19,6 +23,8 @@ from lavis_pformer.text import mask_tokens
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 
 PFORMER_EXPORT_NAME = "pformer.pth"
+# The zero-shot VQA prompt of the paper's evaluation, reused by the optional text-only QA term.
+QA_PROMPT = "Question: {} Short answer:"
 
 
 class PFormerPretrain(BackboneMixin, Blip2Base):
@@ -26,7 +32,7 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
 
     def __init__(self, bert_model, llm_name, num_query_token=32, max_txt_len=32, embed_dim=256,
                  mask_prob=0.25, lm_weight=1.0, contrastive_weight=1.0, vq_weight=1.0,
-                 label_smoothing=0.1, vq_chunk_size=8192):
+                 label_smoothing=0.1, vq_chunk_size=8192, qa_weight=0.0, qa_prompt=QA_PROMPT):
         self.set_backbones(bert_model=bert_model)
         super().__init__()
         self.tokenizer = bert_tokenizer(bert_model)
@@ -34,7 +40,8 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
         self.num_query_token = num_query_token
         self.max_txt_len = max_txt_len
         self.mask_prob = mask_prob
-        self.weights = {"lm": lm_weight, "c": contrastive_weight, "vq": vq_weight}
+        self.weights = {"lm": lm_weight, "c": contrastive_weight, "vq": vq_weight, "qa": qa_weight}
+        self.qa_prompt = qa_prompt
         self.label_smoothing = label_smoothing
         self.vq_chunk_size = vq_chunk_size
         self.embed_dim = embed_dim
@@ -68,6 +75,10 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
         """Causal / seq2seq loss of reconstructing ``texts`` from ``prompt`` [B, Q, H_llm]."""
         raise NotImplementedError
 
+    def llm_qa_loss(self, prompt, questions, answers):
+        """Loss of the LLM answering ``qa_prompt.format(question)`` after ``prompt``, on the answer only."""
+        raise NotImplementedError
+
     def tokenize(self, texts):
         return self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
@@ -93,6 +104,15 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
             losses["loss_vq"] = self.weights["vq"] * vq_commitment_loss(
                 prompt, self.llm_input_embeddings(), chunk_size=self.vq_chunk_size
             )
+        if self.weights["qa"] > 0:
+            if "question" not in samples or "answer" not in samples:
+                raise ValueError(
+                    "qa_weight > 0 needs (caption, question, answer) records: point the sentence_corpus at a "
+                    'JSON-lines file whose records have "caption", "question" and "answer" (e.g. the demo\'s '
+                    "qa_triples.jsonl), or set qa_weight: 0"
+                )
+            questions = [self.qa_prompt.format(q) for q in samples["question"]]
+            losses["loss_qa"] = self.weights["qa"] * self.llm_qa_loss(prompt, questions, samples["answer"])
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -120,6 +140,8 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
             contrastive_weight=as_float(cfg, "contrastive_weight", 1.0, minimum=0),
             label_smoothing=as_float(cfg, "label_smoothing", 0.1, minimum=0),
             vq_chunk_size=as_int(cfg, "vq_chunk_size", 8192, minimum=1),
+            qa_weight=as_float(cfg, "qa_weight", 0.0, minimum=0),
+            qa_prompt=cfg.get("qa_prompt", QA_PROMPT),
         )
 
     def finish_from_config(self, cfg):

@@ -53,9 +53,13 @@ class PFormerT5(PFormerPretrain):
 
     def llm_loss(self, prompt, texts):
         prefixes, suffixes = zip(*(split_prefix_suffix(t, self.rng) for t in texts))
-        embeds, attention = self.encoder_inputs(prompt, list(prefixes))
+        return self.seq2seq_loss(prompt, prefixes, suffixes)
+
+    def seq2seq_loss(self, prompt, encoder_texts, targets_texts):
+        """T5 reads ``[prompt ; encoder_texts]`` and predicts ``targets_texts``."""
+        embeds, attention = self.encoder_inputs(prompt, list(encoder_texts))
         out_tokens = self.t5_tokenizer(
-            list(suffixes), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+            list(targets_texts), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
         ).to(prompt.device)
         targets = out_tokens.input_ids.masked_fill(out_tokens.input_ids == self.t5_tokenizer.pad_token_id, -100)
         with self.maybe_autocast(dtype=torch.bfloat16):
@@ -63,6 +67,9 @@ class PFormerT5(PFormerPretrain):
                 inputs_embeds=embeds, attention_mask=attention, decoder_attention_mask=out_tokens.attention_mask,
                 labels=targets, return_dict=True,
             ).loss
+
+    def llm_qa_loss(self, prompt, questions, answers):
+        return self.seq2seq_loss(prompt, questions, answers)
 
     @torch.no_grad()
     def generate(self, samples, num_beams=1, max_length=30, min_length=1, prefix_words=1, **kwargs):

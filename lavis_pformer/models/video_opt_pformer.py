@@ -98,10 +98,11 @@ class VideoOPT(BackboneMixin, Blip2Base):
                            f"got keys {sorted(samples)}. Use the video_features_caption dataset builder.")
         features = samples[FEATURES_KEY]
         if features.dim() != 3 or features.shape[-1] != self.feat_dim:
-            raise ValueError(f"{FEATURES_KEY} must be [B, T, {self.feat_dim}] (model.feat_dim), got {tuple(features.shape)}")
+            raise ValueError(f"{FEATURES_KEY} must be [B, T, {self.feat_dim}] (model.feat_dim), "
+                             f"got {tuple(features.shape)}")
         if features.shape[1] > self.max_clips:
-            raise ValueError(f"{FEATURES_KEY} has {features.shape[1]} clips, more than model.max_clips={self.max_clips}; "
-                             "set the dataset's max_clips to at most the model's")
+            raise ValueError(f"{FEATURES_KEY} has {features.shape[1]} clips, more than model.max_clips="
+                             f"{self.max_clips}; set the dataset's max_clips to at most the model's")
         mask = samples.get(MASK_KEY)
         if mask is None:
             mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# COCO Karpathy test captioning after COCO fine-tuning (paper: CIDEr 140.4 -> 141.8). (flant5xl). Arguments go to --options, e.g. model.finetuned=/path/to/checkpoint.pth
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+NPROC=${NPROC:-8}
+torchrun --nproc_per_node=$NPROC evaluate.py --cfg-path projects/pformer/eval/caption_coco_flant5xl.yaml ${1:+--options "$@"}
