@@ -8,6 +8,7 @@ from lavis_pformer.datasets.local_image_text import (
     LocalVQAEvalDataset,
 )
 from lavis_pformer.datasets.sentence_corpus import SentenceCorpusBuilder, SentenceCorpusDataset
+from lavis_pformer.datasets import video_features  # noqa: F401  (video_features_caption)
 
 __all__ = [
     "LocalCaptionBuilder",

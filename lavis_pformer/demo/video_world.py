@@ -1,0 +1,189 @@
+"""A synthetic "video world" for the video captioning demo: clip features with structure, VATEX layout.
+
+Command line::
+
+    python -m lavis_pformer.demo.video_world --out DIR [--seed 0] [--n-train 200] [--n-val 40]
+        [--n-test 40] [--feat-dim 1024] [--min-clips 4] [--max-clips 12] [--captions-per-video 4]
+        [--noise 0.1]
+
+Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written.
+
+The world
+---------
+A video shows one shapes-world object (a colour of ``shapes_world.COLOURS`` and a shape of
+``shapes_world.SHAPES``) moving in one of four directions (left, right, up, down) across a unit square.
+It lasts 4-12 clips (``--min-clips`` / ``--max-clips``; uniform); the object starts at a random point
+and travels 0.4-0.7 of the square along its direction, at constant speed, clip by clip.
+
+Each clip is first described by a structured vector (``STRUCTURE`` lists the blocks, 32 values):
+colour one-hot (6) | shape one-hot (3) | position on a 4x4 grid, one-hot (16) | motion direction one-hot
+(4) | x, y in [0, 1] (2) | 1 (bias). The clip feature is that vector times a fixed random matrix
+[32, feat_dim] (N(0, 1/32), drawn once from the seed, the same for every split), plus Gaussian noise of
+std ``--noise``: I3D-like 1024-d vectors from which colour, shape and direction can be read linearly,
+and the motion also from the sequence of positions.
+
+Captions (``enCap``): ``captions_per_video`` distinct templates, in a per-video random order, e.g.
+``"a red circle moves to the left."``, ``"a red circle is moving to the left."``,
+``"the red circle slides to the left."``, ``"a red circle goes to the left."`` (directions: "to the
+left", "to the right", "up", "down").
+
+Files under ``--out``
+---------------------
+- ``features/<videoID>.npy``: float32 [clips, feat_dim]; ``videoID`` is ``video%06d``, global, train first.
+- ``vatex_{train,val,test}.json``: VATEX's layout, ``[{"videoID": ..., "enCap": [captions]}]``.
+- ``sentences.txt``: every train caption, one per line (a text corpus for a stage-0 P-Former).
+- ``world.json``: the arguments, the structure blocks and the templates.
+
+Every split uses its own random stream derived from the seed (and the projection matrix its own), so a
+different ``n_train`` leaves the val/test videos' content unchanged (only their ids shift). Output is
+byte-identical for the same arguments.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from lavis_pformer.demo.shapes_world import COLOURS, SHAPES
+
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+TEMPLATES = (
+    "{article} {colour} {shape} moves {direction}.",
+    "{article} {colour} {shape} is moving {direction}.",
+    "the {colour} {shape} slides {direction}.",
+    "{article} {colour} {shape} goes {direction}.",
+)
+GRID = 4
+STRUCTURE = (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("position", GRID * GRID),
+             ("motion", len(DIRECTIONS)), ("xy", 2), ("bias", 1))
+STRUCT_DIM = sum(n for _, n in STRUCTURE)
+SPLITS = ("train", "val", "test")
+
+
+def _rng(*parts):
+    digest = hashlib.sha256("/".join(map(str, ("video-world",) + parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def captions(colour, shape, direction, n, rng):
+    """``n`` distinct captions of one video (templates in a random order)."""
+    order = rng.permutation(len(TEMPLATES))[:n]
+    return [TEMPLATES[i].format(article=_article(colour), colour=colour, shape=shape,
+                                direction=DIRECTION_PHRASES[direction]) for i in order]
+
+
+def structured_clips(colour, shape, direction, num_clips, rng):
+    """[num_clips, STRUCT_DIM] structured description of the clips of one video."""
+    dx, dy = DIRECTIONS[direction]
+    distance = rng.uniform(0.4, 0.7)
+    # start so that the whole path stays inside the unit square
+    lo_x, hi_x = (distance, 1.0) if dx < 0 else (0.0, 1.0 - distance) if dx > 0 else (0.0, 1.0)
+    lo_y, hi_y = (distance, 1.0) if dy < 0 else (0.0, 1.0 - distance) if dy > 0 else (0.0, 1.0)
+    x0, y0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+    t = np.linspace(0.0, 1.0, num_clips)
+    xs, ys = x0 + dx * distance * t, y0 + dy * distance * t
+    clips = np.zeros((num_clips, STRUCT_DIM))
+    colour_i, shape_i = list(COLOURS).index(colour), list(SHAPES).index(shape)
+    motion_i = list(DIRECTIONS).index(direction)
+    offsets = np.cumsum([0] + [n for _, n in STRUCTURE])
+    for k in range(num_clips):
+        cell = min(int(ys[k] * GRID), GRID - 1) * GRID + min(int(xs[k] * GRID), GRID - 1)
+        clips[k, offsets[0] + colour_i] = 1
+        clips[k, offsets[1] + shape_i] = 1
+        clips[k, offsets[2] + cell] = 1
+        clips[k, offsets[3] + motion_i] = 1
+        clips[k, offsets[4]: offsets[4] + 2] = (xs[k], ys[k])
+        clips[k, offsets[5]] = 1
+    return clips
+
+
+def projection(seed, feat_dim):
+    """The fixed [STRUCT_DIM, feat_dim] matrix that turns structured clips into features."""
+    return _rng(seed, "projection", feat_dim).normal(0.0, 1.0 / np.sqrt(STRUCT_DIM), (STRUCT_DIM, feat_dim))
+
+
+def _dump(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def generate(out_dir, seed=0, n_train=200, n_val=40, n_test=40, feat_dim=1024, min_clips=4, max_clips=12,
+             captions_per_video=4, noise=0.1):
+    """Write the world under ``out_dir``; returns {"root", "features", "train", "val", "test", "sentences", "world"}."""
+    for name, value, low in (("n_train", n_train, 0), ("n_val", n_val, 0), ("n_test", n_test, 0),
+                             ("feat_dim", feat_dim, 1), ("min_clips", min_clips, 1)):
+        if int(value) < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if max_clips < min_clips:
+        raise ValueError(f"max_clips ({max_clips}) must be >= min_clips ({min_clips})")
+    if not 1 <= captions_per_video <= len(TEMPLATES):
+        raise ValueError(f"captions_per_video must be in 1..{len(TEMPLATES)}, got {captions_per_video}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    out_dir = os.path.abspath(out_dir)
+    features_dir = os.path.join(out_dir, "features")
+    os.makedirs(features_dir, exist_ok=True)
+    matrix = projection(seed, feat_dim)
+    paths = {"root": out_dir, "features": features_dir}
+    index, train_sentences = 0, []
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        rng = _rng(seed, split)
+        records = []
+        for _ in range(n):
+            index += 1
+            video_id = f"video{index:06d}"
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+            num_clips = int(rng.integers(min_clips, max_clips + 1))
+            clips = structured_clips(colour, shape, direction, num_clips, rng)
+            features = clips @ matrix + noise * rng.standard_normal((num_clips, feat_dim))
+            np.save(os.path.join(features_dir, video_id + ".npy"), features.astype(np.float32))
+            caps = captions(colour, shape, direction, captions_per_video, rng)
+            records.append({"videoID": video_id, "enCap": caps})
+            if split == "train":
+                train_sentences.extend(caps)
+        paths[split] = os.path.join(out_dir, f"vatex_{split}.json")
+        _dump(paths[split], records)
+    paths["sentences"] = os.path.join(out_dir, "sentences.txt")
+    with open(paths["sentences"], "w", encoding="utf-8") as f:
+        f.write("".join(s + "\n" for s in train_sentences))
+    paths["world"] = os.path.join(out_dir, "world.json")
+    _dump(paths["world"], {
+        "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "feat_dim": feat_dim,
+        "min_clips": min_clips, "max_clips": max_clips, "captions_per_video": captions_per_video, "noise": noise,
+        "structure": [[name, size] for name, size in STRUCTURE], "grid": GRID, "colours": list(COLOURS),
+        "shapes": list(SHAPES), "directions": list(DIRECTIONS), "templates": list(TEMPLATES),
+    })
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="output/tiny/video")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-val", type=int, default=40)
+    parser.add_argument("--n-test", type=int, default=40)
+    parser.add_argument("--feat-dim", type=int, default=1024)
+    parser.add_argument("--min-clips", type=int, default=4)
+    parser.add_argument("--max-clips", type=int, default=12)
+    parser.add_argument("--captions-per-video", type=int, default=4)
+    parser.add_argument("--noise", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    paths = generate(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.feat_dim, args.min_clips,
+                     args.max_clips, args.captions_per_video, args.noise)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
