@@ -1,0 +1,127 @@
+"""Smoke test of the benchmark scripts (bench/): each main() at the smallest sizes, one repeat, into a temporary
+results directory. Checks the files and keys and that the measured numbers are positive; never the times."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+import bench_inference  # noqa: E402
+import bench_stage0_throughput  # noqa: E402
+import bench_train_step  # noqa: E402
+import bench_vq  # noqa: E402
+
+MACHINE_KEYS = {"cpu", "cpu_cores", "torch_threads", "torch", "date", "device", "gpu"}
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    from lavis_pformer.tiny import build_bert, build_opt
+
+    root = tmp_path_factory.mktemp("bench_backbones")
+    build_bert(str(root / "bert"))
+    build_opt(str(root / "opt"))
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def small(backbones, results_dir):
+    return ["--device", "cpu", "--size", "tiny", "--backbones", backbones, "--results-dir", str(results_dir),
+            "--repeats", "1", "--warmup", "0", "--vit-depth", "1", "--image-size", "32", "--num-query-token", "4",
+            "--max-txt-len", "16", "--threads", str(torch.get_num_threads())]
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def stats_ok(s):
+    return all(positive(s[k]) for k in ("median", "q1", "q3", "min", "max")) and s["n"] == 1
+
+
+def load(results_dir, script):
+    path = os.path.join(results_dir, f"{script}_cpu.json")
+    md = os.path.join(results_dir, f"{script}_cpu.md")
+    assert os.path.isfile(path) and os.path.isfile(md)
+    text = open(md).read()
+    assert "| --- |" in text and "torch" in text and "CPU" in text
+    data = json.load(open(path))
+    assert data["script"] == script
+    assert MACHINE_KEYS <= set(data["machine"]) and data["machine"]["device"] == "cpu"
+    return data
+
+
+def test_bench_train_step(backbones, tmp_path):
+    bench_train_step.main(small(backbones, tmp_path) + ["--batch", "2"])
+    data = load(tmp_path, "bench_train_step")
+    assert [r["stage"] for r in data["results"]] == ["stage 2", "stage 1"]
+    for r in data["results"]:
+        assert r["extra_trainable"] == ([] if r["stage"] == "stage 2" else ["llm_proj.bias", "llm_proj.weight"])
+        for key in ("ours", "stock"):
+            m = r[key]
+            assert stats_ok(m["step"])
+            for k in ("step_peak_bytes", "model_bytes", "trainable_bytes", "optimizer_state_bytes", "footprint_bytes",
+                      "params", "trainable_params"):
+                assert positive(m[k]), (key, k, m[k])
+        assert positive(r["ours"]["teacher_bytes"]) and r["stock"]["teacher_bytes"] == 0
+        assert stats_ok(r["teacher_forward"]["step"])
+        assert all(positive(r["time_ratio"][k]) for k in ("ratio", "paired_median", "paired_min", "paired_max"))
+        assert positive(r["footprint_ratio"]) and positive(r["step_peak_ratio"])
+        assert all(math.isfinite(v) for v in r["last_loss"].values())
+
+
+def test_bench_inference(backbones, tmp_path):
+    bench_inference.main(small(backbones, tmp_path) + ["--batch", "2", "--num-beams", "2", "--caption-max-len", "4",
+                                                       "--vqa-max-len", "3", "--max-txt-len", "32"])
+    data = load(tmp_path, "bench_inference")
+    assert data["pformer_free"] is True
+    presence = data["pformer_presence"]
+    assert presence["ours_pformer_params"] == 0 and presence["stock_pformer_params"] == 0
+    assert presence["pformer_instances_in_process"] == 0 and presence["checkpoint_teacher_tensors"] == 0
+    assert presence["ours_has_teacher"] is False
+    assert data["models"]["ours"]["params"] == data["models"]["stock"]["params"] > 0
+    for task in ("generate", "vqa"):
+        r = data["results"][task]
+        assert stats_ok(r["ours"]) and stats_ok(r["stock"])
+        assert positive(r["ours_peak_bytes"]) and positive(r["stock_peak_bytes"])
+        assert positive(r["time_ratio"]["ratio"]) and positive(r["peak_ratio"])
+        assert r["same_outputs"] is True  # the VQA prompt fits in max_txt_len, so both are the same computation
+    assert data["vqa_prompt_tokens"] <= 32
+
+
+def test_bench_vq(tmp_path):
+    bench_vq.main(["--device", "cpu", "--vocab", "100,500", "--hidden", "16", "--tokens", "8", "--chunk-size", "64",
+                   "--repeats", "1", "--warmup", "0", "--results-dir", str(tmp_path),
+                   "--threads", str(torch.get_num_threads())])
+    data = load(tmp_path, "bench_vq")
+    assert [r["vocab"] for r in data["results"]] == [100, 500]
+    for r in data["results"]:
+        assert stats_ok(r["chunked"]) and stats_ok(r["dense"])
+        assert positive(r["chunked_peak_bytes"]) and positive(r["dense_peak_bytes"])
+        assert positive(r["time_ratio"]["ratio"]) and positive(r["peak_ratio"])
+        assert r["same_rows_fraction"] == 1.0
+        assert r["loss_chunked"] == pytest.approx(r["loss_dense"], rel=1e-5)
+
+
+def test_bench_stage0_throughput(backbones, tmp_path):
+    bench_stage0_throughput.main(small(backbones, tmp_path) + ["--batch", "4"])
+    data = load(tmp_path, "bench_stage0_throughput")
+    assert set(data["results"]) == set(bench_stage0_throughput.VARIANTS)
+    for name, r in data["results"].items():
+        assert stats_ok(r["step"]) and positive(r["sentences_per_s"]) and positive(r["peak_bytes"])
+        assert positive(r["time_ratio_vs_lm_only"]["ratio"])
+        assert all(math.isfinite(v) for v in r["last_losses"].values())
+    assert set(data["results"]["lm + c + vq (default)"]["last_losses"]) == {"loss", "loss_lm", "loss_c", "loss_vq"}
+    assert set(data["results"]["lm only"]["last_losses"]) == {"loss", "loss_lm"}
+    assert positive(data["model"]["trainable_params"])
