@@ -17,7 +17,7 @@ from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
-from lavis_pformer.runtime import init_distributed, make_job_id
+from lavis_pformer.runtime import init_distributed, make_job_id, make_output_dir, resolve_resume_path
 
 DEFAULT_RUNNER = "runner_pformer"
 
@@ -64,6 +64,8 @@ def build(args):
     check_model_choice(args.cfg_path, args.options)
     cfg = Config(args)
     init_distributed(cfg.run_cfg)
+    make_output_dir(cfg.run_cfg.output_dir)  # fail before the model is loaded, not after
+    resolve_resume_path(cfg.run_cfg)  # before the runner moves <output_dir>/latest
     setup_seeds(cfg.run_cfg)
     setup_logger()
     cfg.pretty_print()

@@ -11,6 +11,11 @@ On CPU, or under ``torchrun`` without GPUs:
   installed lavis package (:345), evaluates on the run's device (:469 passes cuda_enabled=True),
   writes checkpoints atomically (plus ``checkpoint_last.pth``, the newest epoch) and keeps
   ``<output_dir>/latest`` pointing at the newest job folder.
+- Resume (``run.resume_ckpt_path``, LAVIS's ``_load_checkpoint``): next to each per-epoch checkpoint the
+  runner writes ``checkpoint_N.rng.pth``, the torch / CUDA / numpy / python RNG states of every rank at
+  the end of epoch N (LAVIS saves none). A resumed run restores them and restarts the training loader at
+  the resumed epoch (LAVIS's ``IterLoader`` would count epochs from 0 again), so it repeats the data
+  order, masking and dropout of an uninterrupted run: see docs/reliability.md for what is bit-exact.
 - ``SmoothedValue.synchronize_between_processes`` builds its tensor on "cuda" (common/logger.py:43);
   ``_synchronize_on_backend_device`` replaces it (the one unavoidable shim).
 """
@@ -19,8 +24,12 @@ import datetime
 import functools
 import logging
 import os
+import random
+import shutil
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -29,7 +38,12 @@ import lavis.common.logger as lavis_logger
 import lavis.runners.runner_base as lavis_runner_base
 from lavis.common.dist_utils import init_distributed_mode, setup_for_distributed
 from lavis.common.registry import registry
+from lavis.common.utils import is_url
+from lavis.datasets.datasets.dataloader_utils import IterLoader
 from lavis.runners.runner_base import RunnerBase
+
+RNG_SUFFIX = ".rng.pth"
+RNG_FORMAT = "lavis_pformer/rng-v1"
 
 
 def _collective_device():
@@ -108,6 +122,27 @@ def make_job_id(output_dir):
     return ids[0]
 
 
+def make_output_dir(path):
+    """``os.makedirs(path)``; a PermissionError that names the problem and the fix if it is not a writable folder.
+
+    ``cli.build`` calls it for ``run.output_dir`` before anything is built, so that a bad output folder
+    fails in seconds, not after the LLM has been loaded.
+    """
+    path = os.path.abspath(str(path))
+    fix = "set run.output_dir to a writable folder, e.g. --options run.output_dir=output/my_run"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        blocker = path
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        why = f"{blocker} is a file, not a folder" if os.path.exists(blocker) and not os.path.isdir(blocker) \
+            else e.strerror
+        raise PermissionError(f"cannot create the output folder {path} ({why}); {fix}") from e
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"the output folder {path} is not writable; {fix}")
+
+
 class _NoPrefetch:
     """Stands in for LAVIS's PrefetchLoader on CPU: returns the DataLoader itself."""
 
@@ -149,17 +184,7 @@ class RunnerPFormer(RunnerBase):
         """``output_dir`` relative to the working directory (LAVIS: relative to site-packages/lavis)."""
         output_dir = os.path.join(os.path.abspath(self.config.run_cfg.output_dir), self.job_id)
         result_dir = os.path.join(output_dir, "result")
-        try:
-            os.makedirs(result_dir, exist_ok=True)
-        except OSError as e:
-            raise PermissionError(
-                f"cannot create the output folder {output_dir} ({e.strerror}); "
-                "set run.output_dir to a writable folder, e.g. --options run.output_dir=output/my_run"
-            ) from e
-        if not os.access(output_dir, os.W_OK):
-            raise PermissionError(
-                f"the output folder {output_dir} is not writable; set run.output_dir to a writable folder"
-            )
+        make_output_dir(result_dir)
         registry.register_path("result_dir", result_dir)
         registry.register_path("output_dir", output_dir)
         self.result_dir, self.output_dir = Path(result_dir), Path(output_dir)
@@ -170,27 +195,164 @@ class RunnerPFormer(RunnerBase):
         """LAVIS's checkpoint written atomically, then the model's own exports (stage 0: ``pformer.pth``).
 
         LAVIS writes straight to the final name; here it writes into a scratch folder next to it and
-        the file is moved into place with os.replace, so a kill mid-save never leaves a truncated
-        checkpoint under the final name.
+        the file is moved into place with os.replace, so a kill or an error mid-save never leaves a
+        truncated checkpoint under the final name nor touches the previous one. Per-epoch saves (every
+        rank calls them; LAVIS saves only on rank 0) also write ``checkpoint_N.rng.pth``, the RNG states
+        of all ranks, moved into place before the checkpoint.
         """
+        rng = None if is_best else _gather_rng_states(cur_epoch)  # collective: every rank is here
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         final_dir = self.output_dir
+        name = "checkpoint_{}.pth".format("best" if is_best else cur_epoch)
         scratch = final_dir / ".saving"
-        scratch.mkdir(exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an interrupted save never reach a final name
+        scratch.mkdir()
         self.output_dir = scratch
         try:
             super()._save_checkpoint(cur_epoch, is_best=is_best)
+            if rng is not None:
+                torch.save(rng, scratch / (name[: -len(".pth")] + RNG_SUFFIX))
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
         finally:
             self.output_dir = final_dir
-        for name in os.listdir(scratch):
-            os.replace(scratch / name, final_dir / name)
-            if not is_best:  # checkpoint_last.pth: a fixed name for the next stage (hard link, no copy)
-                os.link(final_dir / name, scratch / "last")
-                os.replace(scratch / "last", final_dir / "checkpoint_last.pth")
+        for written in sorted(os.listdir(scratch), key=lambda n: n == name):  # the checkpoint last
+            os.replace(scratch / written, final_dir / written)
+        if not is_best:  # checkpoint_last.pth: a fixed name for the next stage (hard link, no copy)
+            os.link(final_dir / name, scratch / "last")
+            os.replace(scratch / "last", final_dir / "checkpoint_last.pth")
         export = getattr(self.unwrap_dist_model(self.model), "export_checkpoint", None)
         if export is not None:
             logging.info("Exported %s", export(str(final_dir)))
+
+    def _load_checkpoint(self, url_or_filename):
+        """LAVIS's resume (model strict, optimizer, scaler, start epoch) with clear errors, then the RNG
+        states of ``checkpoint_N.rng.pth`` for this rank, applied when the first resumed epoch starts."""
+        if not is_url(url_or_filename):
+            _check_resume_file(url_or_filename)
+        try:
+            super()._load_checkpoint(url_or_filename)
+        except (RuntimeError, KeyError, ValueError) as e:  # strict model load, optimizer groups, missing entries
+            raise RuntimeError(
+                f"run.resume_ckpt_path: cannot resume from {url_or_filename} ({type(e).__name__}: {e}). Resume "
+                "with the checkpoint_last.pth of a run of this same model and config."
+            ) from e
+        self._resume_epoch = self.start_epoch
+        self._resume_rng = None
+        if not is_url(url_or_filename):
+            self._resume_rng = _read_rng_states(url_or_filename, self.start_epoch - 1)
+        logging.info(
+            "Resuming at epoch %d from %s (model, optimizer%s, lr schedule position; RNG states %s)",
+            self.start_epoch, url_or_filename, ", grad scaler" if self.scaler else "",
+            "restored" if self._resume_rng is not None else "NOT restored",
+        )
+
+    def train_epoch(self, epoch):
+        if getattr(self, "_resume_epoch", None) == epoch:
+            self._resume_epoch = None
+            self._restart_train_loader(epoch, self._resume_rng)
+        return super().train_epoch(epoch)
+
+    def _restart_train_loader(self, epoch, rng_state):
+        """First resumed epoch: RNG states as at the end of the previous epoch, then the training loader
+        starts epoch ``epoch`` as LAVIS's IterLoader does at an epoch change (sampler epoch, new iterator).
+        """
+        loader = self.train_loader  # built now if needed, before the RNG states are restored
+        if rng_state is not None:
+            _set_rng_states(rng_state)
+        if not isinstance(loader, IterLoader):
+            logging.warning("resume: the training loader is a %s, not an IterLoader: the data order of the "
+                            "resumed epochs is not aligned with an uninterrupted run", type(loader).__name__)
+            return
+        # IterLoader (LAVIS 1.0.2 dataloader_utils.py) keeps its epoch in _epoch and its iterator in iter_loader.
+        loader._epoch = epoch
+        sampler = getattr(loader._dataloader, "sampler", None)
+        if loader._use_distributed and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        loader.iter_loader = iter(loader._dataloader)
+
+
+def resolve_resume_path(run_cfg):
+    """Check ``run.resume_ckpt_path`` before anything is built and pin it to its real path.
+
+    The runner points ``<output_dir>/latest`` at the new job folder before LAVIS loads the checkpoint,
+    so ``.../latest/checkpoint_last.pth`` must be resolved first (else it names the new, empty folder).
+    """
+    path = run_cfg.get("resume_ckpt_path", None)
+    if not path or is_url(path) or run_cfg.get("evaluate", False):
+        return
+    _check_resume_file(path)
+    run_cfg.resume_ckpt_path = os.path.realpath(path)
+
+
+def _check_resume_file(path):
+    """A clear error for a resume checkpoint that is missing or truncated (LAVIS: 'path is invalid' / zip errors)."""
+    fix = ("set run.resume_ckpt_path to the checkpoint_last.pth (or a checkpoint_N.pth) of the run to "
+           "continue, written by train.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run.resume_ckpt_path: no file at {path} (cwd {os.getcwd()}); {fix}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation loses its directory
+        raise RuntimeError(f"run.resume_ckpt_path: {path} is truncated or not a torch checkpoint; {fix}")
+
+
+def _rng_state():
+    """This process's RNG states, as tensors and plain values (``torch.load(weights_only=True)`` reads them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, torch.tensor(words, dtype=torch.int64), gauss_next],
+    }
+
+
+def _set_rng_states(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, words, gauss_next = state["python"]
+    random.setstate((version, tuple(words.tolist()), gauss_next))
+
+
+def _gather_rng_states(epoch):
+    """{"format", "epoch", "ranks": [state of rank 0, rank 1, ...]}; a collective call under DDP."""
+    states = [_rng_state()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, _rng_state())
+    return {"format": RNG_FORMAT, "epoch": int(epoch), "ranks": states}
+
+
+def _read_rng_states(checkpoint_path, epoch):
+    """This rank's states from ``checkpoint_<epoch>.rng.pth`` beside ``checkpoint_path``, or None (with a warning)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"checkpoint_{epoch}{RNG_SUFFIX}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    why = None
+    if not os.path.isfile(path):
+        why = f"{path} does not exist (a checkpoint of LAVIS's own runner, or the file was not copied)"
+    else:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged sidecar must not stop a resume
+            saved, why = None, f"{path} cannot be read ({type(e).__name__}: {e})"
+        if saved is not None:
+            if not isinstance(saved, dict) or saved.get("format") != RNG_FORMAT or saved.get("epoch") != epoch:
+                why = f"{path} does not hold the RNG states of epoch {epoch}"
+            elif len(saved["ranks"]) != world:
+                why = f"{path} was written by {len(saved['ranks'])} ranks, this run has {world}"
+            else:
+                return saved["ranks"][rank]
+    logging.warning(
+        "resume: RNG states not restored: %s. Training continues, but the data order, masking and dropout "
+        "of the resumed epochs differ from an uninterrupted run (not bit-exact).", why,
+    )
+    return None
+
 
 def _point_latest_at(run_dir):
     """``<output_dir>/latest`` -> this job's folder, so later stages can name a fixed path."""

@@ -60,7 +60,10 @@ class LossTermLoggingMixin:
         if not math.isfinite(terms.pop("loss")):
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {samples.get('epoch')} iteration "
-                f"{samples.get('iters')}: {dict(zip(names, values))}; batch ids: {_batch_ids(samples)}"
+                f"{samples.get('iters')}: {dict(zip(names, values))}; batch ids: {_batch_ids(samples)}. "
+                "The checkpoints already written are intact: check these samples and the non-finite term, "
+                "lower run.init_lr (or turn run.amp off), then continue from the last good checkpoint with "
+                "--options run.resume_ckpt_path=<run folder>/checkpoint_last.pth"
             )
         self.loss_terms.update(**terms)
         if terms and samples.get("iters", 0) % self._log_freq == 0:

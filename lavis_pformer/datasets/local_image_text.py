@@ -39,8 +39,14 @@ directory; ``image`` paths inside annotation files are relative to ``build_info.
   and that every question has a non-empty ``answers`` list, because LAVIS's scorer needs exactly that.
 
 Errors name the file and the fix: a missing or malformed annotation file (FileNotFoundError /
-ValueError at build), a missing image folder (FileNotFoundError at build), and a missing or
-unreadable image (FileNotFoundError / :class:`ImageReadError` at ``__getitem__``). Greyscale,
+ValueError at build), a caption that is not a string (ValueError at build), a missing image folder
+(FileNotFoundError at build), and a missing or unreadable image (FileNotFoundError /
+:class:`ImageReadError` at ``__getitem__``). Blank captions are kept and counted in a warning at
+build. ``local_caption`` training data may tolerate unreadable images: with
+``build_info.max_bad_images: N`` (default 0) the train dataset skips up to N distinct missing or
+unreadable images (each logged once, replaced by the next readable record) and fails with the
+count past N. The count is per process (each rank and DataLoader worker keeps its own).
+Evaluation splits never skip: every question / image must get a prediction. Greyscale,
 palette and RGBA images are converted to RGB. LAVIS sets PIL's ``LOAD_TRUNCATED_IMAGES`` globally,
 so a truncated but otherwise valid image still loads (with its missing part blank).
 """
@@ -131,16 +137,47 @@ def _image_path(vis_root, rel):
 
 
 class LocalCaptionDataset(CaptionDataset):
-    """LAVIS CaptionDataset whose images are loaded with clear errors and converted to RGB."""
+    """LAVIS CaptionDataset whose images are loaded with clear errors and converted to RGB.
+
+    ``max_bad_images``: how many distinct missing / unreadable images are skipped (each replaced by the
+    next readable record, with one warning per image) before an error; 0 (default): the first is an error.
+    """
+
+    def __init__(self, *args, max_bad_images=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_bad_images = max_bad_images
+        self.bad_images = set()
 
     def __getitem__(self, index):
-        ann = self.annotation[index]
-        image = load_rgb_image(_image_path(self.vis_root, ann["image"]))
-        return {
-            "image": self.vis_processor(image),
-            "text_input": self.text_processor(ann["caption"]),
-            "image_id": self.img_ids[ann["image_id"]],
-        }
+        for offset in range(len(self.annotation)):
+            ann = self.annotation[(index + offset) % len(self.annotation)]
+            path = _image_path(self.vis_root, ann["image"])
+            try:
+                image = load_rgb_image(path)
+            except (FileNotFoundError, ImageReadError) as e:
+                self._skip_bad_image(path, e)
+                continue
+            return {
+                "image": self.vis_processor(image),
+                "text_input": self.text_processor(ann["caption"]),
+                "image_id": self.img_ids[ann["image_id"]],
+            }
+        raise ImageReadError(f"no readable image among the {len(self.annotation)} records under {self.vis_root}")
+
+    def _skip_bad_image(self, path, error):
+        if path in self.bad_images:
+            return  # tolerated, counted and logged when first seen (an earlier epoch)
+        if len(self.bad_images) >= self.max_bad_images:
+            raise type(error)(
+                f"{error} [{len(self.bad_images) + 1} unreadable image(s) in this process; "
+                f"datasets.local_caption.build_info.max_bad_images is {self.max_bad_images}: raise it to "
+                "skip that many unreadable training images]"
+            ) from error
+        self.bad_images.add(path)
+        logger.warning(
+            "skipping unreadable training image %d of at most %d (build_info.max_bad_images): %s",
+            len(self.bad_images), self.max_bad_images, error,
+        )
 
 
 class LocalCaptionEvalDataset(CaptionEvalDataset):
@@ -259,12 +296,18 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
     def build(self):
         self.build_processors()
         root = self._image_root()
+        max_bad_images = self.config.build_info.get("max_bad_images", 0)
+        if isinstance(max_bad_images, bool) or not isinstance(max_bad_images, int) or max_bad_images < 0:
+            raise ValueError(
+                f"{self._key('max_bad_images')} must be an integer >= 0, got {max_bad_images!r}."
+            )
         datasets = {}
         for split, info in self._splits().items():
             key = self._key("annotations", split, "storage")
             paths = self._storage_paths(info, key)
             for path in paths:
                 records = _load_records(path, key, ("image", "caption", "image_id"))
+                self._check_captions(records, path)
                 if split != "train":
                     self._check_int_ids(records, path)
                 self._check_first_image(root, records, path)
@@ -276,7 +319,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
                 ann_paths=paths,
             )
             if split == "train":
-                datasets[split] = self.train_dataset_cls(**procs)
+                datasets[split] = self.train_dataset_cls(max_bad_images=max_bad_images, **procs)
             else:
                 gt_key = self._key("annotations", split, "gt")
                 gt = self._path(info, "gt", gt_key, required=False)
@@ -299,6 +342,23 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         if not storage:
             raise ValueError(f"set {key} to a local captions JSON file or a list of files.")
         return [_abs(p) for p in storage]
+
+    @staticmethod
+    def _check_captions(records, path):
+        """Captions must be strings (LAVIS's text processors fail obscurely on others); blank ones are counted."""
+        blank = 0
+        for i, rec in enumerate(records):
+            if not isinstance(rec["caption"], str):
+                raise ValueError(
+                    f"annotation file {path}, entry {i}: caption {rec['caption']!r} is not a string. Fix the "
+                    "entry (a caption is text) or remove it."
+                )
+            blank += not rec["caption"].strip()
+        if blank:
+            logger.warning(
+                "%s: %d of %d captions are empty or blank; they are kept (the model learns to say nothing "
+                "for those images): remove them from the file if that is not intended.", path, blank, len(records),
+            )
 
     @staticmethod
     def _check_int_ids(records, path):
