@@ -30,10 +30,18 @@ def backbones(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
+def keep_process_state():
+    """The scripts set torch threads and quiet the root logger / warnings (bench.common.quiet): undo it."""
+    import logging
+    import warnings
+
+    threads, root = torch.get_num_threads(), logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    with warnings.catch_warnings():
+        yield
     torch.set_num_threads(threads)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def small(backbones, results_dir):
