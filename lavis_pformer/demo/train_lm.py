@@ -1,0 +1,532 @@
+"""Train the demo's tiny OPT language model on a shapes-world text corpus, offline, on a few CPU cores.
+
+The miniature demo has no pretrained LLM, so it trains one from scratch and then freezes it, as OPT is
+frozen in the paper. Command line::
+
+    python -m lavis_pformer.demo.train_lm --world DIR --out DIR [--steps 2000] [--layers 3]
+        [--width 128] [--heads 4] [--ffn 512] [--batch-size 64] [--lr 2e-3] [--seed 0]
+        [--max-prefix 8] [--log-every 100] [--threads N]
+
+Python: ``train_lm(world_dir, out_dir, ...)`` returns the report dict also written to
+``out_dir/lm_report.json``.
+
+What ``out_dir`` holds
+----------------------
+An OPT-style slow tokenizer (``GPT2Tokenizer``: ``</s>`` is bos and eos, ``<pad>`` is id 1, a bos is
+prepended to every text, ``"\\n"`` is a single token, as BLIP-2 OPT uses it as end of text) over a
+byte-level BPE trained on the world's ``corpus.txt``, and a ``transformers`` ``OPTForCausalLM``
+(``word_embed_proj_dim == hidden_size``), both saved with ``save_pretrained``: LAVIS loads them with
+``lavis.models.blip2_models.modeling_opt.OPTForCausalLM.from_pretrained(out_dir)`` and
+``AutoTokenizer.from_pretrained(out_dir, use_fast=False)`` (the evaluation below loads them that way).
+
+Training
+--------
+- Texts: each corpus line, as ``</s>`` + line + ``"\\n"``; next-token cross-entropy on every text token,
+  answer tokens (the words after ``"Short answer:"``, up to ``"."`` or the end of the line) weighted x3.
+- Position offsets: at use time BLIP-2 puts Q soft-prompt vectors before the text, so the text sits at
+  positions Q..Q+T of OPT's learned absolute position embedding. Every training text is therefore
+  preceded by a random number, uniform in 0..``max_prefix``, of attended random tokens that carry no
+  loss, and the LM works with and without a prefix.
+- Speed: texts are bucketed by length (little padding), padding is only ever on the right (so a plain
+  causal mask is exact and positions are 0..T-1, as OPT computes them from the attention mask), and
+  the forward pass runs the model's own modules with ``scaled_dot_product_attention``
+  (``fast_logits``; it matches ``OPTForCausalLM.forward``, see tests/test_demo_lm.py).
+- AdamW, linear warm-up over the first 5% of the steps then cosine decay to 10% of ``lr``, gradient
+  clipping at 1, no dropout.
+
+Evaluation ("answering from a textual scene", the ceiling of the image side)
+---------------------------------------------------------------------------
+For each question of the world's val split, ``"<caption> Question: <q> Short answer:"`` (the caption
+of its image from captions_val.json) is fed to the saved model (loaded through LAVIS), greedy, at most
+3 new tokens, ``"\\n"`` ends the answer. The prediction is the generated text up to the first ``"\\n"``
+or ``"."``, stripped. Accuracy per question type (color, shape, count, yesno), overall, overall without
+yes/no, the share of predictions inside their type's answer set (``on_type``), and the same with a
+dummy prefix of ``max_prefix`` random token embeddings before the text (``with_prefix``: checks that
+the text still works at the positions it occupies after a soft prompt).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+
+Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (DEMO_NOTES: Q=8)
+QUESTION_TYPES = ("color", "shape", "count", "yesno")
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos = eos), <unk>=3
+PAD_ID, BOS_ID = 1, 2
+ANSWER_WEIGHT = 3.0
+EVAL_PROMPT = "{caption} Question: {question} Short answer:"
+_ANSWER_RE = re.compile(r"Short answer:( [^.\n]*)")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def build_tokenizer(lines, out_dir, vocab_size=800):
+    """Train a byte-level BPE on ``lines`` and save it as OPT's slow tokenizer under ``out_dir``.
+
+    Returns (slow GPT2Tokenizer, fast ``tokenizers`` ByteLevelBPETokenizer with the same vocabulary,
+    used to encode the corpus quickly with character offsets).
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
+    bpe.save_model(out_dir)
+    tokenizer = GPT2Tokenizer(
+        os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
+        bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>", add_bos_token=True,
+    )
+    tokenizer.save_pretrained(out_dir)
+    assert tokenizer.pad_token_id == PAD_ID and tokenizer.bos_token_id == BOS_ID
+    assert len(tokenizer("\n", add_special_tokens=False).input_ids) == 1, "'\\n' must be one token"
+    return tokenizer, bpe
+
+
+def encode_corpus(lines, bpe, tokenizer, check=64):
+    """Token ids (``</s>`` + line + ``"\\n"``) and per-token loss weights of every line.
+
+    The weight of token i is the weight of predicting it (ANSWER_WEIGHT for answer tokens, else 1);
+    the first ``check`` lines are also encoded with the slow tokenizer, which must agree.
+    """
+    texts = [line + "\n" for line in lines]
+    encodings = bpe.encode_batch(texts)
+    ids, weights = [], []
+    for text, enc in zip(texts, encodings):
+        spans = [(m.start(1), m.end(1)) for m in _ANSWER_RE.finditer(text)]
+        w = [1.0]  # the bos (never a target)
+        for start, end in enc.offsets:
+            w.append(ANSWER_WEIGHT if any(start < e and end > s for s, e in spans) else 1.0)
+        ids.append([BOS_ID] + enc.ids)
+        weights.append(w)
+    for text, tok_ids in zip(texts[:check], ids[:check]):
+        slow = tokenizer(text).input_ids
+        if slow != tok_ids:
+            raise AssertionError(f"fast and slow tokenizers disagree on {text!r}: {tok_ids} vs {slow}")
+    return ids, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+def build_model(vocab_size, layers, width, heads, ffn, max_positions, seed=0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+        ffn_dim=ffn, max_position_embeddings=max_positions, word_embed_proj_dim=width,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=BOS_ID, do_layer_norm_before=True,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+    )
+    return OPTForCausalLM(config)
+
+
+def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=None):
+    """OPT's forward for right-padded batches whose real tokens are all attended, using the model's modules.
+
+    Positions are 0..T-1 (what OPT derives from the attention mask when only right padding is masked)
+    and attention is causal (right padding never reaches real tokens). ``valid`` ([B, T] bool, a prefix
+    of each row; default all) marks the real tokens: embeddings, projections, feed-forward layers and
+    the LM head run on those tokens only, packed, and only attention sees the padded [B, T] layout, so
+    padding costs little. ``select`` ([B, T] bool, inside ``valid``) keeps only those positions' logits,
+    returned flat [N, V] in row-major order; otherwise logits are [B, T, V] (zero at padding).
+    """
+    decoder = model.model.decoder
+    cfg = model.config
+    B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if valid is None:
+        valid = torch.ones((B, T), dtype=torch.bool, device=(input_ids if input_ids is not None else inputs_embeds).device)
+    if inputs_embeds is None:
+        h = decoder.embed_tokens(input_ids[valid])
+    else:
+        h = inputs_embeds[valid]
+    if decoder.project_in is not None:
+        h = decoder.project_in(h)
+    H = h.shape[-1]
+    positions = torch.arange(T, device=h.device).expand(B, T)[valid]
+    h = h + decoder.embed_positions.weight[positions + decoder.embed_positions.offset]
+    nh = cfg.num_attention_heads
+    hd = H // nh
+    drop = model.training
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        x = layer.self_attn_layer_norm(h) if layer.do_layer_norm_before else h
+        qkv = h.new_zeros((B, T, 3 * H))
+        qkv[valid] = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        q, k, v = qkv.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn.dropout if drop else 0.0,
+                                           scale=attn.scaling)
+        o = attn.out_proj(o.transpose(1, 2).reshape(B, T, H)[valid])
+        h = h + F.dropout(o, p=layer.dropout, training=drop)
+        if not layer.do_layer_norm_before:
+            h = layer.self_attn_layer_norm(h)
+        x = layer.final_layer_norm(h) if layer.do_layer_norm_before else h
+        x = layer.fc2(layer.activation_fn(layer.fc1(x)))
+        h = h + F.dropout(x, p=layer.dropout, training=drop)
+        if not layer.do_layer_norm_before:
+            h = layer.final_layer_norm(h)
+    if select is not None:
+        h = h[select[valid]]
+    if decoder.final_layer_norm is not None:
+        h = decoder.final_layer_norm(h)
+    if decoder.project_out is not None:
+        h = decoder.project_out(h)
+    logits = model.lm_head(h)
+    if select is not None:
+        return logits
+    out = logits.new_zeros((B, T, logits.shape[-1]))
+    out[valid] = logits
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+# ---------------------------------------------------------------------------------------------
+
+def batches(ids, weights, batch_size, max_prefix, vocab_size, rng):
+    """Endless stream of (input_ids, targets, weights, valid) batches, all [B, T], in random order.
+
+    Each text gets a prefix of 0..max_prefix (uniform) random non-special tokens, attended but without
+    loss. Rows are right-padded; ``valid`` marks prefix + text. Position t's target is token t+1;
+    prefix and padding positions have weight 0. Batches are not bucketed by length (in this corpus
+    length goes with content: a batch of short texts would hold no questions); ``fast_logits`` makes
+    the padding nearly free instead.
+    """
+    n = len(ids)
+    n_special = len(SPECIAL_TOKENS)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            members = order[start : start + batch_size]
+            prefix = [rng.randint(0, max_prefix) for _ in members]
+            T = max(k + len(ids[i]) for k, i in zip(prefix, members)) - 1  # inputs drop the last token
+            inp = torch.full((len(members), T), PAD_ID, dtype=torch.long)
+            tgt = torch.full((len(members), T), PAD_ID, dtype=torch.long)
+            wgt = torch.zeros((len(members), T))
+            valid = torch.zeros((len(members), T), dtype=torch.bool)
+            for r, (k, i) in enumerate(zip(prefix, members)):
+                seq = ids[i]
+                if k:
+                    inp[r, :k] = torch.randint(n_special, vocab_size, (k,))
+                inp[r, k : k + len(seq) - 1] = torch.tensor(seq[:-1])
+                tgt[r, k : k + len(seq) - 1] = torch.tensor(seq[1:])
+                wgt[r, k : k + len(seq) - 1] = torch.tensor(weights[i][1:])
+                valid[r, : k + len(seq) - 1] = True
+            yield inp, tgt, wgt, valid
+
+
+def _lr_at(step, steps, lr, warmup_frac=0.05, floor=0.1, schedule="cosine"):
+    warmup = max(1, int(warmup_frac * steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _load_split(world_dir, split):
+    with open(os.path.join(world_dir, f"vqa_{split}.json"), encoding="utf-8") as f:
+        questions = json.load(f)
+    with open(os.path.join(world_dir, f"captions_{split}.json"), encoding="utf-8") as f:
+        captions = {str(r["image_id"]): r["caption"] for r in json.load(f)}
+    return [
+        {"prompt": EVAL_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
+         "answer": q["answer"][0] if isinstance(q["answer"], list) else q["answer"],
+         "question_type": q["question_type"]}
+        for q in questions
+    ]
+
+
+@torch.no_grad()
+def quick_accuracy(model, tokenizer, items, batch_size=256):
+    """Per-type accuracy of the argmax first answer token (one forward pass; for training logs)."""
+    was_training = model.training
+    model.eval()
+    hits = {}
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            enc = [tokenizer(it["prompt"]).input_ids for it in chunk]
+            T = max(len(e) for e in enc)
+            inp = torch.full((len(chunk), T), PAD_ID, dtype=torch.long)
+            select = torch.zeros((len(chunk), T), dtype=torch.bool)
+            valid = torch.zeros((len(chunk), T), dtype=torch.bool)
+            for r, e in enumerate(enc):
+                inp[r, : len(e)] = torch.tensor(e)
+                valid[r, : len(e)] = True
+                select[r, len(e) - 1] = True
+            pred = fast_logits(model, inp, valid=valid, select=select).argmax(-1).tolist()
+            for it, p in zip(chunk, pred):
+                hits.setdefault(it["question_type"], []).append(clean_answer(tokenizer.decode([p])) == it["answer"])
+    finally:
+        model.train(was_training)
+    return {t: sum(h) / len(h) for t, h in hits.items()}
+
+
+def clean_answer(text):
+    """The predicted answer in generated text: up to the first newline or full stop, stripped."""
+    return text.split("\n")[0].split(".")[0].strip()
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, prompts, prefix_len=0, batch_size=128, max_new_tokens=3, seed=0):
+    """Greedy answers (LAVIS-style ``generate``: left padding, ``"\\n"`` ends) for text prompts.
+
+    ``prefix_len`` > 0 puts that many random token embeddings before each prompt (as ``query_embeds``,
+    where BLIP-2 puts its soft prompt); ``model`` must then be LAVIS's OPTForCausalLM.
+    """
+    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
+    gen = torch.Generator().manual_seed(seed)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            tokens = tokenizer(chunk, return_tensors="pt", padding=True)
+            kwargs = {}
+            attention_mask = tokens.attention_mask
+            if prefix_len:
+                ids = torch.randint(len(SPECIAL_TOKENS), model.config.vocab_size, (len(chunk), prefix_len),
+                                    generator=gen)
+                kwargs["query_embeds"] = model.get_input_embeddings()(ids)
+                attention_mask = torch.cat([torch.ones(len(chunk), prefix_len, dtype=torch.long), attention_mask], 1)
+            out = model.generate(
+                input_ids=tokens.input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+                max_new_tokens=max_new_tokens, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id,
+                **kwargs,
+            )
+            texts = tokenizer.batch_decode(out[:, tokens.input_ids.shape[1] :], skip_special_tokens=True)
+            answers += [clean_answer(t) for t in texts]
+    finally:
+        tokenizer.padding_side = old_side
+    return answers
+
+
+def score(items, predictions, answer_sets=None):
+    """Accuracy per question type, overall and overall without yes/no; ``on_type`` shares if given sets."""
+    out = {"per_type": {}, "questions": len(items)}
+    hits = {t: [] for t in QUESTION_TYPES}
+    on = {t: [] for t in QUESTION_TYPES}
+    for item, pred in zip(items, predictions):
+        t = item["question_type"]
+        hits.setdefault(t, []).append(pred == item["answer"])
+        if answer_sets:
+            on.setdefault(t, []).append(pred in answer_sets.get(t, ()))
+    for t, h in hits.items():
+        if h:
+            out["per_type"][t] = {"accuracy": sum(h) / len(h), "questions": len(h)}
+            if answer_sets:
+                out["per_type"][t]["on_type"] = sum(on[t]) / len(on[t])
+    all_hits = [x for h in hits.values() for x in h]
+    no_yn = [x for t, h in hits.items() if t != "yesno" for x in h]
+    out["overall"] = sum(all_hits) / len(all_hits) if all_hits else None
+    out["overall_excl_yesno"] = sum(no_yn) / len(no_yn) if no_yn else None
+    return out
+
+
+def evaluate_text_ceiling(out_dir, world_dir, split="val", prefix_len=0, seed=0):
+    """Load the saved LM through LAVIS and answer ``split``'s questions from the caption text."""
+    from transformers import AutoTokenizer
+
+    from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, use_fast=False)
+    model = OPTForCausalLM.from_pretrained(out_dir).eval()
+    items = _load_split(world_dir, split)
+    answer_sets = None
+    world_path = os.path.join(world_dir, "world.json")
+    if os.path.exists(world_path):
+        with open(world_path, encoding="utf-8") as f:
+            answer_sets = {t: set(a) for t, a in json.load(f).get("answers", {}).items()}
+    prompts = [it["prompt"] for it in items]
+    result = score(items, answer_questions(model, tokenizer, prompts), answer_sets)
+    result["split"] = split
+    if prefix_len:
+        result["with_prefix"] = score(items, answer_questions(model, tokenizer, prompts, prefix_len, seed=seed),
+                                      answer_sets)
+        result["with_prefix"]["prefix_len"] = prefix_len
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+def _default_threads():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
+             seed=0, max_prefix=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
+             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True, log=print):
+    """Train, save (tokenizer + OPTForCausalLM under ``out_dir``), evaluate; returns the report dict."""
+    t_start = time.time()
+    threads = threads or _default_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with open(os.path.join(world_dir, "corpus.txt"), encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if not lines:
+            raise ValueError(f"{world_dir}/corpus.txt is empty")
+        tokenizer, bpe = build_tokenizer(lines, out_dir, vocab_size=vocab_size)
+        ids, weights = encode_corpus(lines, bpe, tokenizer)
+        vocab = len(tokenizer)
+        lengths = [len(x) for x in ids]
+        # room for the longest training text after the longest prefix, and at least 128 positions
+        max_positions = max(128, 2 ** math.ceil(math.log2(max(lengths) + max_prefix + 1)))
+        model = build_model(vocab, layers, width, heads, ffn, max_positions, seed=seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        t_prep = time.time() - t_start
+        log(f"[train_lm] {len(lines)} texts, {sum(lengths)} tokens (max {max(lengths)}), vocab {vocab}, "
+            f"{n_params / 1e6:.2f}M parameters, {threads} threads, prep {t_prep:.1f}s")
+
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_positions" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_positions" not in n)]
+        optim = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        stream = batches(ids, weights, batch_size, max_prefix, vocab, rng)
+        quick_items = _load_split(world_dir, eval_split) if quick_eval else None
+        model.train()
+        history, window, window_tokens = [], 0.0, 0.0
+        pad_tokens = real_tokens = 0
+        first_loss = None
+        t0 = time.time()
+        for step in range(steps):
+            inp, tgt, wgt, valid = next(stream)
+            for group in optim.param_groups:
+                group["lr"] = _lr_at(step, steps, lr, warmup, schedule=schedule)
+            select = wgt > 0
+            logits = fast_logits(model, inp, valid=valid, select=select)
+            w = wgt[select]
+            nll = F.cross_entropy(logits, tgt[select], reduction="none")
+            loss = (nll * w).sum() / w.sum()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            value = loss.item()
+            if first_loss is None:
+                first_loss = value
+            window += value
+            window_tokens += 1
+            real_tokens += int(valid.sum())
+            pad_tokens += int((~valid).sum())
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                mean = window / window_tokens
+                entry = {"step": step + 1, "loss": round(mean, 4), "elapsed_s": round(time.time() - t0, 1)}
+                msg = ""
+                if quick_items:
+                    entry["quick_accuracy"] = {t: round(a, 3) for t, a in
+                                               quick_accuracy(model, tokenizer, quick_items).items()}
+                    msg = " first-token acc " + " ".join(f"{t} {a:.2f}" for t, a in entry["quick_accuracy"].items())
+                history.append(entry)
+                log(f"[train_lm] step {step + 1}/{steps} loss {mean:.4f} "
+                    f"lr {_lr_at(step, steps, lr, warmup, schedule=schedule):.2e} elapsed {time.time() - t0:.1f}s{msg}")
+                window = window_tokens = 0.0
+        t_train = time.time() - t0
+        model.eval()
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+
+        t1 = time.time()
+        result = evaluate_text_ceiling(out_dir, world_dir, eval_split, prefix_len=max_prefix, seed=seed)
+        t_eval = time.time() - t1
+        chance = None
+        world_path = os.path.join(world_dir, "world.json")
+        if os.path.exists(world_path):
+            with open(world_path, encoding="utf-8") as f:
+                chance = json.load(f).get(f"chance_{eval_split}" if eval_split != "test" else "chance")
+        report = {
+            "out_dir": os.path.abspath(out_dir),
+            "world_dir": os.path.abspath(world_dir),
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "max_prefix": max_prefix,
+            "threads": threads,
+            "sizes": {"layers": layers, "width": width, "heads": heads, "ffn": ffn, "vocab_size": vocab,
+                      "max_position_embeddings": max_positions, "parameters": n_params},
+            "corpus": {"texts": len(lines), "tokens": sum(lengths), "max_tokens": max(lengths),
+                       "answer_weight": ANSWER_WEIGHT},
+            "loss_first": first_loss,
+            "loss_last": history[-1]["loss"] if history else None,
+            "loss_history": history,
+            "padding_share": pad_tokens / max(1, pad_tokens + real_tokens),
+            "time_s": {"prepare": round(t_prep, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),
+                       "total": round(time.time() - t_start, 1)},
+            "text_ceiling": result,
+            "accuracy": {t: v["accuracy"] for t, v in result["per_type"].items()},
+            "overall": result["overall"],
+            "overall_excl_yesno": result["overall_excl_yesno"],
+            "chance": chance,
+        }
+        with open(os.path.join(out_dir, "lm_report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        acc = " ".join(f"{t} {a:.3f}" for t, a in report["accuracy"].items())
+        log(f"[train_lm] text ceiling ({eval_split}): {acc} overall {report['overall']:.3f}; "
+            f"with a {max_prefix}-token prefix: overall {result.get('with_prefix', {}).get('overall', float('nan')):.3f}; "
+            f"train {t_train:.1f}s, total {report['time_s']['total']:.1f}s")
+        return report
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", required=True, help="shapes-world folder (corpus.txt, vqa_val.json, ...)")
+    ap.add_argument("--out", required=True, help="output folder for the tokenizer, model and lm_report.json")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-prefix", type=int, default=Q, help=f"largest random prefix (default Q={Q})")
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--vocab-size", type=int, default=800)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the available cores)")
+    ap.add_argument("--eval-split", default="val", choices=["val", "test"])
+    ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                    help="after a linear warm-up: cosine decay to 10%% of --lr, or constant")
+    ap.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the steps")
+    ap.add_argument("--beta2", type=float, default=0.98)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--no-quick-eval", action="store_true", help="skip the first-token accuracy in the logs")
+    args = ap.parse_args(argv)
+    report = train_lm(args.world, args.out, steps=args.steps, layers=args.layers, width=args.width,
+                      heads=args.heads, ffn=args.ffn, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      max_prefix=args.max_prefix, log_every=args.log_every, vocab_size=args.vocab_size,
+                      threads=args.threads, eval_split=args.eval_split, schedule=args.schedule,
+                      warmup=args.warmup, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
+                      quick_eval=not args.no_quick_eval)
+    print(json.dumps({k: report[k] for k in ("accuracy", "overall", "overall_excl_yesno", "time_s")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The demo's tiny-LM trainer (lavis_pformer.demo.train_lm) on a tiny shapes world, in seconds."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from lavis_pformer.demo import shapes_world
+from lavis_pformer.demo import train_lm as T
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("lm_world"))
+    shapes_world.generate(root, seed=0, n_train=4, n_val=16, n_test=4, n_corpus=300)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lm_out"))
+    logs = []
+    report = T.train_lm(world, out, steps=30, layers=1, width=32, heads=4, ffn=64, batch_size=16, lr=3e-3,
+                        max_prefix=4, log_every=10, log=logs.append)
+    return out, report, logs
+
+
+def test_files_and_lavis_loading(trained):
+    from transformers import AutoTokenizer
+
+    from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
+
+    out, report, _ = trained
+    for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                 "lm_report.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert any(os.path.exists(os.path.join(out, n)) for n in ("pytorch_model.bin", "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(out, use_fast=False)
+    model = OPTForCausalLM.from_pretrained(out)
+    assert type(model).__module__ == "lavis.models.blip2_models.modeling_opt"
+    assert len(tokenizer("\n", add_special_tokens=False).input_ids) == 1
+    ids = tokenizer("a red circle.").input_ids
+    assert ids[0] == tokenizer.bos_token_id == 2 and tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 1
+    cfg = model.config
+    assert cfg.word_embed_proj_dim == cfg.hidden_size == 32 and cfg.num_hidden_layers == 1
+    assert cfg.vocab_size == len(tokenizer) == report["sizes"]["vocab_size"]
+    # the saved weights are the trained ones: same logits through LAVIS's class and transformers'
+    from transformers import OPTForCausalLM as HFOPT
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, HFOPT.from_pretrained(out)(input_ids=x).logits, atol=1e-5)
+
+
+def test_loss_decreases_and_report(trained):
+    out, report, logs = trained
+    with open(os.path.join(out, "lm_report.json")) as f:
+        saved = json.load(f)
+    assert saved["steps"] == report["steps"] == 30
+    history = saved["loss_history"]
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert saved["loss_first"] > history[-1]["loss"] and history[0]["loss"] > history[-1]["loss"]
+    acc = saved["accuracy"]
+    assert set(acc) == {"color", "shape", "count", "yesno"}
+    assert all(0.0 <= a <= 1.0 for a in acc.values())
+    assert 0.0 <= saved["overall"] <= 1.0 and 0.0 <= saved["overall_excl_yesno"] <= 1.0
+    assert saved["text_ceiling"]["questions"] == sum(v["questions"] for v in saved["text_ceiling"]["per_type"].values())
+    assert saved["text_ceiling"]["with_prefix"]["prefix_len"] == 4
+    assert saved["time_s"]["train"] > 0 and saved["sizes"]["parameters"] > 0
+    assert any("step 30/30" in line for line in logs)
+
+
+def test_fast_forward_matches_opt(trained):
+    from transformers import OPTForCausalLM as HFOPT
+
+    out, _, _ = trained
+    model = HFOPT.from_pretrained(out).eval()
+    ids = torch.randint(4, model.config.vocab_size, (3, 9))
+    valid = torch.zeros(3, 9, dtype=torch.bool)
+    for r, n in enumerate((9, 5, 1)):
+        valid[r, :n] = True
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=valid.long()).logits
+        fast = T.fast_logits(model, ids, valid=valid)
+        assert torch.allclose(fast[valid], ref[valid], atol=1e-5)
+        select = valid.clone()
+        select[:, 0] = False
+        assert torch.allclose(T.fast_logits(model, ids, valid=valid, select=select), ref[select], atol=1e-5)
+
+
+def test_answer_weights_and_batches(world, tmp_path):
+    with open(os.path.join(world, "corpus.txt")) as f:
+        lines = [line.rstrip("\n") for line in f][:40]
+    tokenizer, bpe = T.build_tokenizer(lines, str(tmp_path))
+    ids, weights = T.encode_corpus(lines, bpe, tokenizer)
+    for line, seq, w in zip(lines, ids, weights):
+        assert seq == tokenizer(line + "\n").input_ids and len(w) == len(seq)
+        assert seq[-1] == tokenizer("\n", add_special_tokens=False).input_ids[0]
+        weighted = tokenizer.decode([t for t, x in zip(seq, w) if x == T.ANSWER_WEIGHT]).split()
+        answers = [m.group(1).strip() for m in T._ANSWER_RE.finditer(line)]
+        assert weighted == answers
+    inp, tgt, wgt, valid = next(T.batches(ids, weights, 8, 3, len(tokenizer), random.Random(0)))
+    assert inp.shape == tgt.shape == wgt.shape == valid.shape and inp.shape[0] == 8
+    for r in range(8):
+        n = int(valid[r].sum())
+        assert valid[r, :n].all() and not valid[r, n:].any()  # right padding only
+        text = (inp[r] == T.BOS_ID).nonzero()
+        k = int(text[0])  # the bos follows the random prefix
+        assert 0 <= k <= 3 and (wgt[r, :k] == 0).all() and (wgt[r, k:n] > 0).all() and (wgt[r, n:] == 0).all()
+        assert (tgt[r, k : n - 1] == inp[r, k + 1 : n]).all()
+
+
+def test_clean_answer():
+    assert T.clean_answer(" green.\nQuestion") == "green"
+    assert T.clean_answer(" 3\n") == "3"
+    assert T.clean_answer(" red. Question:") == "red"
