@@ -56,13 +56,11 @@ import logging
 import os
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base_dataset_builder import (
-    BaseDatasetBuilder,
-    load_dataset_config,
-)
 from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEvalDataset
 from lavis.datasets.datasets.coco_vqa_datasets import COCOVQAEvalDataset
 from omegaconf import OmegaConf
+
+from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -212,20 +210,11 @@ class LocalVQAEvalDataset(COCOVQAEvalDataset):
         }
 
 
-class _LocalImageTextBuilder(BaseDatasetBuilder):
+class _LocalImageTextBuilder(LocalDatasetBuilder):
     """Shared parts: default-config merge, no download, path and image-folder checks."""
 
     NAME = None
     SPLITS = ("train", "val", "test")
-
-    def __init__(self, cfg=None):
-        default = load_dataset_config(self.default_config_path())
-        if isinstance(cfg, str):
-            cfg = load_dataset_config(cfg)
-        super().__init__(default if cfg is None else OmegaConf.merge(default, cfg))
-
-    def _download_data(self):
-        """Nothing to download: files are local and are checked in build()."""
 
     def _key(self, *parts):
         return ".".join(("datasets", self.NAME, "build_info") + parts)

@@ -40,11 +40,9 @@ from array import array
 import numpy as np
 from lavis.common.registry import registry
 from lavis.processors.blip_processors import BlipQuestionProcessor
-from lavis.datasets.builders.base_dataset_builder import (
-    BaseDatasetBuilder,
-    load_dataset_config,
-)
 from omegaconf import OmegaConf
+
+from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -304,20 +302,11 @@ class SentenceCorpusDataset(Dataset):
 
 
 @registry.register_builder("sentence_corpus")
-class SentenceCorpusBuilder(BaseDatasetBuilder):
+class SentenceCorpusBuilder(LocalDatasetBuilder):
     """Builds train/val/test SentenceCorpusDatasets from local files; a given config is merged
     over the default yaml, so only ``build_info.annotations`` is required."""
 
     DATASET_CONFIG_DICT = {"default": _CONFIG_PATH}
-
-    def __init__(self, cfg=None):
-        default = load_dataset_config(self.default_config_path())
-        if isinstance(cfg, str):
-            cfg = load_dataset_config(cfg)
-        super().__init__(default if cfg is None else OmegaConf.merge(default, cfg))
-
-    def _download_data(self):
-        """Nothing to download: sentence files are local and are checked in build()."""
 
     def build(self):
         self.build_processors()

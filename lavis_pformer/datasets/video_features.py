@@ -57,9 +57,10 @@ import os
 import numpy as np
 import torch
 from lavis.common.registry import registry
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder, load_dataset_config
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from omegaconf import OmegaConf
+
+from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from torch.utils.data.dataloader import default_collate
 
 logger = logging.getLogger(__name__)
@@ -282,22 +283,13 @@ class VideoFeatureCaptionEvalDataset(VideoFeatureCaptionDataset):
 
 
 @registry.register_builder("video_features_caption")
-class VideoFeaturesCaptionBuilder(BaseDatasetBuilder):
+class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
     """VATEX-style video captions over precomputed clip features (see the module docstring)."""
 
     NAME = "video_features_caption"
     SPLITS = ("train", "val", "test")
     DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "video_features_caption.yaml")}
     train_dataset_cls, eval_dataset_cls = VideoFeatureCaptionDataset, VideoFeatureCaptionEvalDataset
-
-    def __init__(self, cfg=None):
-        default = load_dataset_config(self.default_config_path())
-        if isinstance(cfg, str):
-            cfg = load_dataset_config(cfg)
-        super().__init__(default if cfg is None else OmegaConf.merge(default, cfg))
-
-    def _download_data(self):
-        """Nothing to download: files are local and are checked in build()."""
 
     def _key(self, *parts):
         return ".".join(("datasets", self.NAME) + parts)
