@@ -91,10 +91,10 @@ def build_tokenizer(lines, out_dir, vocab_size=800):
     return tokenizer, bpe
 
 
-def encode_corpus(lines, bpe, tokenizer, check=64):
+def encode_corpus(lines, bpe, tokenizer, check=64, answer_weight=ANSWER_WEIGHT):
     """Token ids (``</s>`` + line + ``"\\n"``) and per-token loss weights of every line.
 
-    The weight of token i is the weight of predicting it (ANSWER_WEIGHT for answer tokens, else 1);
+    The weight of token i is the weight of predicting it (``answer_weight`` for answer tokens, else 1);
     the first ``check`` lines are also encoded with the slow tokenizer, which must agree.
     """
     texts = [line + "\n" for line in lines]
@@ -104,7 +104,7 @@ def encode_corpus(lines, bpe, tokenizer, check=64):
         spans = [(m.start(1), m.end(1)) for m in _ANSWER_RE.finditer(text)]
         w = [1.0]  # the bos (never a target)
         for start, end in enc.offsets:
-            w.append(ANSWER_WEIGHT if any(start < e and end > s for s, e in spans) else 1.0)
+            w.append(answer_weight if any(start < e and end > s for s, e in spans) else 1.0)
         ids.append([BOS_ID] + enc.ids)
         weights.append(w)
     for text, tok_ids in zip(texts[:check], ids[:check]):
@@ -378,7 +378,7 @@ def _default_threads():
 
 def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
              seed=0, max_prefix=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
-             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True, log=print):
+             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True, answer_weight=ANSWER_WEIGHT, log=print):
     """Train, save (tokenizer + OPTForCausalLM under ``out_dir``), evaluate; returns the report dict."""
     t_start = time.time()
     threads = threads or _default_threads()
@@ -390,7 +390,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
         if not lines:
             raise ValueError(f"{world_dir}/corpus.txt is empty")
         tokenizer, bpe = build_tokenizer(lines, out_dir, vocab_size=vocab_size)
-        ids, weights = encode_corpus(lines, bpe, tokenizer)
+        ids, weights = encode_corpus(lines, bpe, tokenizer, answer_weight=answer_weight)
         vocab = len(tokenizer)
         lengths = [len(x) for x in ids]
         # room for the longest training text after the longest prefix, and at least 128 positions
@@ -471,7 +471,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
             "sizes": {"layers": layers, "width": width, "heads": heads, "ffn": ffn, "vocab_size": vocab,
                       "max_position_embeddings": max_positions, "parameters": n_params},
             "corpus": {"texts": len(lines), "tokens": sum(lengths), "max_tokens": max(lengths),
-                       "answer_weight": ANSWER_WEIGHT},
+                       "answer_weight": answer_weight},
             "loss_first": first_loss,
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": history,
@@ -517,6 +517,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the steps")
     ap.add_argument("--beta2", type=float, default=0.98)
     ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--answer-weight", type=float, default=ANSWER_WEIGHT, help="loss weight of answer tokens")
     ap.add_argument("--no-quick-eval", action="store_true", help="skip the first-token accuracy in the logs")
     args = ap.parse_args(argv)
     report = train_lm(args.world, args.out, steps=args.steps, layers=args.layers, width=args.width,
@@ -524,7 +525,7 @@ def main(argv=None):
                       max_prefix=args.max_prefix, log_every=args.log_every, vocab_size=args.vocab_size,
                       threads=args.threads, eval_split=args.eval_split, schedule=args.schedule,
                       warmup=args.warmup, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
-                      quick_eval=not args.no_quick_eval)
+                      quick_eval=not args.no_quick_eval, answer_weight=args.answer_weight)
     print(json.dumps({k: report[k] for k in ("accuracy", "overall", "overall_excl_yesno", "time_s")}, indent=1))
 
 
