@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := output/tiny
 
-.PHONY: install test demo demo-shapes ablation tiny clean
+.PHONY: install test demo tiny-chain ablation tiny clean
 
 install: $(STAMP)
 
@@ -22,22 +22,25 @@ test: install
 tiny: install
 	$(PY) -m lavis_pformer.tiny --out $(TINY)
 
-# The whole recipe on tiny backbones, one CPU process: stage 0 -> 1 -> 2 -> offline VQA + caption evaluation.
-demo: tiny
+# The shapes-world miniature of the paper's comparison (docs/demo.md), on the CPU, offline: a world, a small
+# LM trained and frozen, a pretrained frozen ViT, then three arms (BLIP-2 baseline, P-Former, P-Former + QA
+# term) through train.py / evaluate.py: stages 0, 1, 2, zero-shot VQA and captioning. Table in output/demo.
+demo: install
+	$(PY) -m lavis_pformer.demo.pipeline --out output/demo
+
+# The tiny chain: stage 0 -> 1 -> 2 -> VQA + caption evaluation on random tiny backbones (a pipeline check).
+tiny-chain: tiny
 	$(PY) train.py --cfg-path projects/pformer/tiny/pretrain_stage0_opt.yaml
 	$(PY) train.py --cfg-path projects/pformer/tiny/pretrain_stage1_opt.yaml
 	$(PY) train.py --cfg-path projects/pformer/tiny/pretrain_stage2_opt.yaml
 	$(PY) evaluate.py --cfg-path projects/pformer/tiny/eval_vqa_opt.yaml
 	$(PY) evaluate.py --cfg-path projects/pformer/tiny/eval_caption_opt.yaml
 
-# Work in progress (docs/demo.md): the shapes-world miniature of the paper's comparison, three arms
-# (BLIP-2 baseline, P-Former, P-Former + QA term) on a small LM trained first. Not yet within 15 minutes.
-demo-shapes: install
-	$(PY) -m lavis_pformer.demo.pipeline --out output/demo
-
-# The paper's Table-4 grid (w1, w2) for the P-Former arms over 3 seeds (add --scale gpu on a GPU machine).
+# The paper's Table-4 grid (w1, w2) for the P-Former arms over 3 seeds, on the demo's world, LM and ViT
+# (built first if missing). On a GPU machine: ABLATION_ARGS="--scale gpu --shared output/ablation/shared".
+ABLATION_ARGS ?= --shared output/demo
 ablation: install
-	$(PY) -m lavis_pformer.demo.pipeline --ablation --seeds 0,1,2 --out output/ablation
+	$(PY) -m lavis_pformer.demo.pipeline --ablation --seeds 0,1,2 --out output/ablation $(ABLATION_ARGS)
 
 clean:
 	rm -rf output

@@ -143,7 +143,7 @@ def build_all(root, seed=0):
     """
     from lavis_pformer.demo.shapes_world import generate
 
-    world = generate(os.path.join(root, "world"), seed=seed, n_train=64, n_val=16, n_test=16, n_corpus=512)
+    world = generate(os.path.join(root, "world"), seed=seed, n_train=64, n_val=16, n_test=16, n_corpus=512, n_vision=0)
     paths = {
         "bert": build_bert(os.path.join(root, "backbones", "bert"), seed),
         "opt": build_opt(os.path.join(root, "backbones", "opt"), seed),

@@ -13,7 +13,7 @@ from lavis_pformer.demo import train_lm as T
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("lm_world"))
-    shapes_world.generate(root, seed=0, n_train=4, n_val=16, n_test=4, n_corpus=300)
+    shapes_world.generate(root, seed=0, n_train=4, n_val=16, n_test=4, n_corpus=300, n_vision=0)
     return root
 
 
@@ -22,7 +22,7 @@ def trained(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lm_out"))
     logs = []
     report = T.train_lm(world, out, steps=30, layers=1, width=32, heads=4, ffn=64, batch_size=16, lr=3e-3,
-                        max_prefix=4, log_every=10, log=logs.append)
+                        max_offset=4, log_every=10, log=logs.append)
     return out, report, logs
 
 
@@ -84,6 +84,15 @@ def test_fast_forward_matches_opt(trained):
         ref = model(input_ids=ids, attention_mask=valid.long()).logits
         fast = T.fast_logits(model, ids, valid=valid)
         assert torch.allclose(fast[valid], ref[valid], atol=1e-5)
+        # offsets: OPT with its position table shifted up by k rows sees the text at positions k, k+1, ...
+        k = 3
+        shifted = HFOPT.from_pretrained(out).eval()
+        table = shifted.model.decoder.embed_positions.weight
+        table.data[: table.shape[0] - k] = model.model.decoder.embed_positions.weight.data[k:]
+        ref_k = shifted(input_ids=ids, attention_mask=valid.long()).logits
+        fast_k = T.fast_logits(model, ids, valid=valid, offsets=torch.full((3,), k))
+        assert torch.allclose(fast_k[valid], ref_k[valid], atol=1e-5)
+        assert not torch.allclose(fast_k[valid], fast[valid], atol=1e-3)
         select = valid.clone()
         select[:, 0] = False
         assert torch.allclose(T.fast_logits(model, ids, valid=valid, select=select), ref[select], atol=1e-5)
@@ -100,15 +109,14 @@ def test_answer_weights_and_batches(world, tmp_path):
         weighted = tokenizer.decode([t for t, x in zip(seq, w) if x == T.ANSWER_WEIGHT]).split()
         answers = [m.group(1).strip() for m in T._ANSWER_RE.finditer(line)]
         assert weighted == answers
-    inp, tgt, wgt, valid = next(T.batches(ids, weights, 8, 3, len(tokenizer), random.Random(0)))
-    assert inp.shape == tgt.shape == wgt.shape == valid.shape and inp.shape[0] == 8
+    inp, tgt, wgt, valid, offsets = next(T.batches(ids, weights, 8, 3, random.Random(0)))
+    assert inp.shape == tgt.shape == wgt.shape == valid.shape and inp.shape[0] == 8 and offsets.shape == (8,)
+    assert ((offsets >= 0) & (offsets <= 3)).all()
     for r in range(8):
         n = int(valid[r].sum())
         assert valid[r, :n].all() and not valid[r, n:].any()  # right padding only
-        text = (inp[r] == T.BOS_ID).nonzero()
-        k = int(text[0])  # the bos follows the random prefix
-        assert 0 <= k <= 3 and (wgt[r, :k] == 0).all() and (wgt[r, k:n] > 0).all() and (wgt[r, n:] == 0).all()
-        assert (tgt[r, k : n - 1] == inp[r, k + 1 : n]).all()
+        assert inp[r, 0] == T.BOS_ID and (wgt[r, :n] > 0).all() and (wgt[r, n:] == 0).all()
+        assert (tgt[r, : n - 1] == inp[r, 1:n]).all()
 
 
 def test_clean_answer():

@@ -98,3 +98,49 @@ def test_pipeline_end_to_end_at_smoke_scale(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["pformer_qa"]["vqa_acc"] == results["pformer_qa"]["vqa_acc"]
+
+
+def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
+    """The grid's plan (which runs happen, with which weights), with the runs themselves replaced by records."""
+    from lavis_pformer.demo import pipeline
+
+    runs = []
+
+    def fake_prepare(out, seed, scale_name, steps, threads=None, world_seed=None, shared=None, scale=None):
+        ctx = {"out": out, "seed": seed, "scale": scale, "timings": {}, "world": "w", "lm": "lm", "bert": "b",
+               "vit": "v", "data": str(tmp_path), "runs": os.path.join(out, "runs"), "configs": out, "logs": out}
+        return ctx
+
+    def fake_run_lavis(ctx, script, name, cfg):
+        model = cfg["model"]
+        runs.append((ctx["seed"], name, model.get("alignment_weight"), model.get("pformer_checkpoint"),
+                     model.get("pretrained"), model.get("qa_weight")))
+        ctx["timings"][name] = 1.0
+        return f"/runs/seed{ctx['seed']}/{name}"
+
+    cells_seen = {}
+    monkeypatch.setattr(pipeline, "prepare", fake_prepare)
+    monkeypatch.setattr(pipeline, "run_lavis", fake_run_lavis)
+    monkeypatch.setattr(pipeline, "subset", lambda src, dst, n: dst)
+    monkeypatch.setattr(report, "chain_metrics", lambda ctx, chain: {"vqa_acc": chain["w1"] + chain["w2"]})
+    monkeypatch.setattr(report, "write_ablation_report",
+                        lambda out, cells, seeds, times, scale: cells_seen.update(cells) or {"table": ""})
+    pipeline.main(["--ablation", "--seeds", "0,1", "--out", str(tmp_path / "abl")])
+
+    for seed in (0, 1):
+        mine = [r for r in runs if r[0] == seed]
+        stage0 = [r for r in mine if r[1].endswith("_stage0")]
+        stage1 = [r for r in mine if r[1].endswith("_stage1")]
+        stage2 = [r for r in mine if r[1].endswith("_stage2")]
+        assert sorted(r[5] for r in stage0) == [0.0, 1.0]  # paper stage 0 and stage 0 + QA term
+        # one stage-1 run without a teacher, one per teacher with w1 = 10
+        assert sorted((r[2], bool(r[3])) for r in stage1) == [(0, False), (10, True), (10, True)]
+        assert len(stage2) == 7 and sorted(r[2] for r in stage2) == [0, 0, 0, 100, 100, 100, 100]
+        for r in stage2:  # each stage 2 continues from the stage-1 run of its (teacher, w1)
+            w1 = int(r[1].split("_w")[1].split("_")[0])
+            source = r[4].split("/")[-2]
+            assert source.endswith("_stage1") and (w1 == 0) == ("_w0_" in source)
+        assert len([r for r in mine if r[1].endswith("_eval_vqa")]) == 7
+    assert set(cells_seen) == {(v, w1, w2) for v in ("pformer", "pformer_qa") for w1, w2 in pipeline.GRID}
+    assert all(len(v) == 2 for v in cells_seen.values())  # one entry per seed
+    assert cells_seen[("pformer_qa", 10, 100)][0]["vqa_acc"] == 110

@@ -29,7 +29,7 @@ from lavis_pformer.demo.shapes_world import generate
 @pytest.fixture(scope="module")
 def world_src(tmp_path_factory):
     return generate(str(tmp_path_factory.mktemp("world")), seed=0,
-                    n_train=20, n_val=8, n_test=8, n_corpus=200)["root"]
+                    n_train=20, n_val=8, n_test=8, n_corpus=200, n_vision=0)["root"]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lavis_pformer.demo import shapes_world as sw
 
-SMALL = dict(n_train=20, n_val=8, n_test=8, n_corpus=200)
+SMALL = dict(n_train=20, n_val=8, n_test=8, n_corpus=200, n_vision=12)
 OBJ = re.compile(r"(?:a|an) (\w+) (\w+) at the (top left|top right|bottom left|bottom right)")
 
 
@@ -51,7 +51,7 @@ def test_same_seed_identical_other_seed_different(worlds):
     assert a["captions_train.json"] != c["captions_train.json"]
     assert a["corpus.txt"] != c["corpus.txt"]
     pngs = [k for k in a if k.endswith(".png")]
-    assert len(pngs) == 36 and sum(a[k] != c[k] for k in pngs) > 30
+    assert len(pngs) == 48 and sum(a[k] != c[k] for k in pngs) > 40
 
 
 def test_layout_and_paths(worlds):
@@ -110,6 +110,24 @@ def test_no_eval_scene_in_training_text(worlds):
     assert not val & test
 
 
+def test_vision_pretraining_images(worlds):
+    """Unpaired images of training scenes with their contents; val contents agree with the val captions."""
+    paths = worlds["a"]
+    vision, val = _load(paths, "vision_pretrain"), _load(paths, "vision_val")
+    assert len(vision) == 12 and len(os.listdir(os.path.join(paths["root"], "images", "vision"))) == 12
+    evals = {r["caption"] for s in ("val", "test") for r in _load(paths, f"captions_{s}")}
+    for rec in vision:
+        img = np.asarray(Image.open(os.path.join(paths["root"], rec["image"])))
+        key = tuple(tuple(o) for o in rec["objects"])
+        assert sw.caption(key) not in evals  # a training-pool scene
+        for quadrant, colour, _ in key:
+            cell = img[16 * (quadrant // 2): 16 * (quadrant // 2) + 16, 16 * (quadrant % 2): 16 * (quadrant % 2) + 16]
+            assert (cell[(cell != 0).any(-1)] == sw.COLOURS[colour]).all()
+    captions = _load(paths, "captions_val")
+    assert [r["image"] for r in val] == [r["image"] for r in captions]
+    assert [sw.caption(tuple(tuple(o) for o in r["objects"])) for r in val] == [r["caption"] for r in captions]
+
+
 def test_scene_key_split_is_disjoint_and_complete():
     pools = sw._split_keys(0)
     sets = {name: {k for keys in by_n.values() for k in keys} for name, by_n in pools.items()}
@@ -123,10 +141,10 @@ def test_corpus_qa_triples_sentences(worlds):
     corpus, sentences = _lines(paths, "corpus"), _lines(paths, "sentences")
     assert len(corpus) == len(sentences) == 200
     with_qa = [line for line in corpus if " Question: " in line]
-    assert 0.6 <= len(with_qa) / len(corpus) <= 0.9
-    pair = re.compile(r"Question: ([a-z ]+\?) Short answer: (\w+)")
+    assert 0.8 <= len(with_qa) / len(corpus) <= 0.97
+    pair = re.compile(r"Question: ([a-z ]+\?) Short answer: (\w+)$")  # one pair per line; the answer ends it
     triples = [json.loads(line) for line in _lines(paths, "qa_triples")]
-    assert len(triples) == sum(len(pair.findall(line)) for line in with_qa)
+    assert all(len(pair.findall(line)) == 1 for line in with_qa) and len(triples) == len(with_qa)
     for t in triples:
         assert set(t) == {"caption", "question", "answer", "question_type"}
         assert t["answer"] in sw.ANSWERS[t["question_type"]]

@@ -9,9 +9,9 @@ Steps (each prints its elapsed time):
 1. ``world``: the shapes world (``shapes_world.generate``) under ``<out>/world``.
 2. ``lm``: a tiny OPT trained on the world's text corpus (``train_lm``), then frozen: it is ``opt_model`` of
    every stage (``llm_precision: fp32``); its ``lm_report.json`` holds the text ceiling (val split).
-3. ``bert``: the tiny BERT (``tiny.build_bert`` at the scale's width) that the P-Former and Q-Former start from,
-   and the weights of the tiny ``custom_vit`` (trainable: ``freeze_vit: False``, a random frozen ViT carries
-   little).
+3. ``backbones``: the tiny BERT (``tiny.build_bert`` at the scale's width) that the P-Former and Q-Former start
+   from, and the tiny ``custom_vit``, pretrained on the world's unpaired images (``vision_pretrain``) and then
+   frozen in stages 1 and 2 (``freeze_vit: True``), as BLIP-2 freezes its pretrained image encoder.
 4. Per arm, through ``train.py`` / ``evaluate.py`` subprocesses with yaml configs written to ``<out>/configs``
    (rerun any of them with ``python train.py --cfg-path <out>/configs/<name>.yaml``):
    - ``baseline``: no stage 0; stage 1 and stage 2 with ``alignment_weight: 0`` (BLIP-2).
@@ -26,6 +26,8 @@ Steps (each prints its elapsed time):
 ``--ablation`` runs the paper's Table-4 grid (w1, w2) in {(0,0), (10,0), (0,100), (10,100)} for both P-Former
 stage-0 variants (stage 0 shared per seed; (0,0) is the same run for both, the teacher being unused) over the
 given seeds, on one world and one LM (seed 0), and writes mean and std to ``<out>/results.{md,json,png}``.
+Within a seed, chains with the same stage-1 teacher and w1 share one stage-1 run (w1 = 0 has no teacher, so
+one run serves every w1 = 0 chain): 3 stage-1 runs per seed instead of 7.
 """
 import argparse
 import copy
@@ -48,7 +50,8 @@ GRID = ((0, 0), (10, 0), (0, 100), (10, 100))
 SCALES = {
     "smoke": {
         "device": "cpu",
-        "world": dict(n_train=48, n_val=16, n_test=16, n_corpus=600),
+        "world": dict(n_train=48, n_val=16, n_test=16, n_corpus=600, n_vision=64),
+        "vision": dict(steps=5, batch_size=32, lr=2e-3),
         "lm": dict(steps=20, layers=1, width=32, heads=2, ffn=64, batch_size=16, log_every=10, quick_eval=False),
         "bert": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
         "vit": dict(patch_size=8, embed_dim=32, depth=1, num_heads=2),
@@ -60,21 +63,22 @@ SCALES = {
     },
     "cpu": {
         "device": "cpu",
-        "world": dict(n_train=1000, n_val=150, n_test=150, n_corpus=40000),
-        # Reduced from the probe's LM (2000 steps, 3 layers: --lm-steps 2000 --lm-layers 3) so that the whole
-        # demo can finish on a shared, loaded 2-core machine; see docs/demo.md.
-        "lm": dict(steps=700, layers=2, width=128, heads=4, ffn=512, batch_size=64, log_every=100),
+        "world": dict(n_train=1000, n_val=150, n_test=150, n_corpus=40000, n_vision=4000),
+        "vision": dict(steps=300, batch_size=64, lr=2e-3),
+        # colour is read from the context after ~1000 steps, shape after ~2500 (docs/demo.md)
+        "lm": dict(steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, log_every=250),
         "bert": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-        "vit": dict(patch_size=8, embed_dim=64, depth=1, num_heads=4),
+        "vit": dict(patch_size=4, embed_dim=64, depth=2, num_heads=4),
         "num_query_token": 8,
         "stage0": dict(lines=12800, batch=64, epochs=1, lr=1e-3, qa_weight=1.0),
-        "stage1": dict(epochs=3, batch=32, lr=1e-3),
-        "stage2": dict(epochs=4, batch=32, lr=1e-3),
+        "stage1": dict(epochs=4, batch=32, lr=1e-3),
+        "stage2": dict(epochs=12, batch=32, lr=1e-3),
         "eval": dict(num_beams=1, vqa_max_len=3, cap_max_len=30, batch=64),
     },
     "gpu": {
         "device": "cuda",
-        "world": dict(n_train=5000, n_val=500, n_test=500, n_corpus=100000),
+        "world": dict(n_train=5000, n_val=500, n_test=500, n_corpus=100000, n_vision=20000),
+        "vision": dict(steps=3000, batch_size=256, lr=1e-3),
         "lm": dict(steps=6000, layers=4, width=256, heads=4, ffn=1024, batch_size=128, log_every=500),
         "bert": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
         "vit": dict(patch_size=4, embed_dim=128, depth=4, num_heads=4),
@@ -131,12 +135,10 @@ def build_lm(world, out, seed, sizes):
     return train_lm(world, out, seed=seed, log=log, **sizes)
 
 
-def build_backbones(out, seed, scale):
-    """Tiny BERT at the scale's width and the custom_vit weights; returns (bert_dir, vit_path)."""
-    import torch
-
+def build_backbones(out, world, seed, scale, threads=None):
+    """Tiny BERT at the scale's width and the pretrained custom_vit weights; returns (bert_dir, vit_path)."""
     from lavis_pformer import tiny
-    from lavis_pformer.backbones import custom_vit
+    from lavis_pformer.demo.vision_pretrain import pretrain_vit
 
     bert_dir, vit_path = os.path.join(out, "bert"), os.path.join(out, "vit.pth")
     if not os.path.exists(os.path.join(bert_dir, "config.json")):
@@ -146,9 +148,8 @@ def build_backbones(out, seed, scale):
             tiny.build_bert(bert_dir, seed)
         finally:
             tiny.SIZES["bert"] = old
-    if not os.path.exists(vit_path):
-        torch.manual_seed(seed)
-        torch.save(custom_vit(32, dict(scale["vit"])).state_dict(), vit_path)
+    if not os.path.exists(vit_path + ".json"):
+        pretrain_vit(world, vit_path, scale["vit"], seed=seed, threads=threads, log=log, **scale["vision"])
     return bert_dir, vit_path
 
 
@@ -184,7 +185,7 @@ def _train_sched(stage, log_freq=5):
 
 def _vision(ctx):
     vit = dict(ctx["scale"]["vit"], checkpoint=ctx["vit"])
-    return dict(vit_model="custom_vit", vit_config=vit, image_size=32, vit_precision="fp32", freeze_vit=False,
+    return dict(vit_model="custom_vit", vit_config=vit, image_size=32, vit_precision="fp32", freeze_vit=True,
                 bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], opt_model=ctx["lm"],
                 llm_precision="fp32")
 
@@ -300,7 +301,16 @@ def run_chain(ctx, arm, stage0_dir, w1, w2, tag=None):
     tag = tag or arm
     pformer = os.path.join(stage0_dir, "pformer.pth") if stage0_dir else ""
     out = {"w1": w1, "w2": w2, "stage0": stage0_dir, "runs": {}}
-    s1 = run_lavis(ctx, "train.py", f"{tag}_stage1", stage1_cfg(ctx, f"{tag}_stage1", w1, pformer if w1 else ""))
+    # a stage-1 run depends only on its teacher and w1 (w1 = 0: no teacher): chains that share them share it
+    stage1_key = (pformer if w1 else "", w1)
+    cache = ctx.setdefault("stage1_runs", {})
+    if stage1_key in cache:
+        s1, name = cache[stage1_key]
+        ctx["timings"][f"{tag}_stage1"] = ctx["timings"][name]
+        log(f"  {tag}_stage1: same run as {name} -> {s1}")
+    else:
+        s1 = run_lavis(ctx, "train.py", f"{tag}_stage1", stage1_cfg(ctx, f"{tag}_stage1", w1, pformer if w1 else ""))
+        cache[stage1_key] = (s1, f"{tag}_stage1")
     s2 = run_lavis(ctx, "train.py", f"{tag}_stage2",
                    stage2_cfg(ctx, f"{tag}_stage2", w2, pformer if w2 else "", os.path.join(s1, "checkpoint_last.pth")))
     ckpt = os.path.join(s2, "checkpoint_last.pth")
@@ -340,7 +350,8 @@ def prepare(out, seed, scale_name, steps, threads=None, world_seed=None, shared=
         lm_sizes["threads"] = threads
     ctx["lm_report"] = steps.run("lm", build_lm, ctx["world"], os.path.join(shared, "lm"), ws, lm_sizes)
     ctx["lm"] = os.path.join(shared, "lm")
-    ctx["bert"], ctx["vit"] = steps.run("backbones", build_backbones, os.path.join(shared, "backbones"), ws, scale)
+    ctx["bert"], ctx["vit"] = steps.run("backbones", build_backbones, os.path.join(shared, "backbones"), ctx["world"],
+                                        ws, scale, threads)
     return ctx
 
 

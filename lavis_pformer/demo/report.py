@@ -271,10 +271,14 @@ def write_demo_report(ctx, results, step_times):
                  reference={"chance (c+s+c)": chance.get("overall_excl_yesno"),
                             "text ceiling (c+s+c)": ceiling.get("overall_excl_yesno")})}
     table = demo_table(metrics, chance, ceiling)
+    vit_report_path = str(ctx.get("vit", "")) + ".json"
+    vision = _load(vit_report_path) if os.path.exists(vit_report_path) else {}
     data = dict(metrics)
     data["_meta"] = {"scale": ctx["scale_name"], "seed": ctx["seed"], "sizes": ctx["scale"], "chance": chance,
                      "text_ceiling": ceiling, "lm": {k: lm.get(k) for k in ("steps", "sizes", "time_s", "overall",
                                                                             "overall_excl_yesno")},
+                     "vision": {k: vision.get(k) for k in ("vit_config", "steps", "images", "val_quadrant_accuracy",
+                                                            "time_s")},
                      "step_times_s": step_times, "plots": plots,
                      "vqa_acc_definition": "test accuracy over color, shape and count questions (yes/no apart)"}
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -284,10 +288,14 @@ def write_demo_report(ctx, results, step_times):
           "Zero-shot VQA on the held-out test split (accuracy; yes/no reported apart) and captioning (test). "
           "Chance: majority answer per question type (world.json). Text ceiling: the frozen LM given the caption "
           "as text (train_lm's report, val split). Restricted accuracy: correct among on-type answers.", "",
-          table, "", "## Step times (s)", "",
-          "| step | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in step_times.items()] + [
-          f"| total (sum of steps) | {total:.0f} |", "",
-          "![loss curves](loss_curves.png)", "", "![arms](arms.png)", ""]
+          table, ""]
+    acc = vision.get("val_quadrant_accuracy")
+    if acc:
+        md += [f"Frozen ViT (pretrained on {vision.get('images')} unpaired images): val quadrant accuracy colour "
+               f"{acc['colour']:.3f}, shape {acc['shape']:.3f}. Frozen LM: {lm.get('steps')} steps.", ""]
+    md += ["## Step times (s)", "", "| step | seconds |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in step_times.items()]
+    md += [f"| total (sum of steps) | {total:.0f} |", "", "![loss curves](loss_curves.png)", "", "![arms](arms.png)", ""]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(md))
     return {"table": table, "json": data, "plots": plots}

@@ -3,7 +3,7 @@
 Command line::
 
     python -m lavis_pformer.demo.shapes_world --out DIR [--seed 0] [--n-train 1000] [--n-val 200]
-        [--n-test 200] [--n-corpus 40000] [--qa-fraction 0.75]
+        [--n-test 200] [--n-corpus 40000] [--qa-fraction 0.9] [--n-vision 4000]
 
 Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written.
 
@@ -47,12 +47,17 @@ Files under ``--out`` (paths in JSON files are relative to it)
   list ``[{"question_id", "question", "image", "image_id", "answer": [a], "question_type"}]``;
   question_id = 10 * image_id + index of the question type. ``vqa_answer_list.json``: all answers.
 - ``corpus.txt``: one text per line (default 40k): a caption, followed in ``qa_fraction`` of the
-  lines by 1-2 question-answer pairs in the evaluation format, e.g.
-  ``a red circle at the top left. Question: what color is the circle? Short answer: red``; two
-  pairs are joined by ". ". (LAVIS's ``blip_caption`` processor strips "." and ":"; load the corpus
-  with a processor that keeps them if the LM must see the exact evaluation prompt.)
+  lines by one question-answer pair in the evaluation format, e.g.
+  ``a red circle at the top left. Question: what color is the circle? Short answer: red``: the answer
+  ends the text, as it ends BLIP-2 OPT's generation (at ``"\\n"``) at evaluation. (LAVIS's
+  ``blip_caption`` processor strips "." and ":"; load the corpus with a processor that keeps them if
+  the LM must see the exact evaluation prompt.)
 - ``qa_triples.jsonl``: ``{"caption", "question", "answer", "question_type"}`` for every pair in the
   corpus (text only, for a stage-0 QA term); ``sentences.txt``: the caption of every corpus line.
+- ``images/vision/<id>.png`` and ``vision_{pretrain,val}.json`` (``[{"image", "objects": [[quadrant,
+  colour, shape], ...]}]``): ``n_vision`` unpaired images of training scenes with what each quadrant holds,
+  for pretraining the image encoder (``vision_pretrain.py``; BLIP-2's image encoder is pretrained and
+  frozen), and the val images' contents to check it. No caption is involved.
 - ``world.json``: vocabulary, colours' RGB, seed, sizes, counts, the held-out keys' counts and the
   chance level (majority answer per question type; fractions, while LAVIS's VQA scorer reports
   percent) on the test split (``chance``) and on val (``chance_val``).
@@ -293,12 +298,13 @@ def _write_split_images(out_dir, split, records, images):
             os.remove(os.path.join(folder, name))
 
 
-def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=40000, qa_fraction=0.75):
+def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=40000, qa_fraction=0.9,
+             n_vision=4000):
     """Write the shapes world under ``out_dir``; returns {name: absolute path}."""
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    for name, n in list(sizes.items()) + [("corpus", n_corpus)]:
-        if not isinstance(n, int) or n < (0 if name == "corpus" else 1):
-            raise ValueError(f"n_{name} must be an int >= {0 if name == 'corpus' else 1}, got {n!r}")
+    for name, n in list(sizes.items()) + [("corpus", n_corpus), ("vision", n_vision)]:
+        if not isinstance(n, int) or n < (0 if name in ("corpus", "vision") else 1):
+            raise ValueError(f"n_{name} must be an int >= {0 if name in ('corpus', 'vision') else 1}, got {n!r}")
     if not 0.0 <= qa_fraction <= 1.0:
         raise ValueError(f"qa_fraction must be in [0, 1], got {qa_fraction}")
     out_dir = os.path.abspath(out_dir)
@@ -315,12 +321,13 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
     for split in SPLITS:
         rng = random.Random(f"shapes-world/{seed}/{split}")
         pool = pools["other" if split == "train" else split]
-        records, images, questions = [], [], []
+        records, images, questions, keys = [], [], [], []
         for _ in range(sizes[split]):
             key = _draw_key(pool, rng)
             image_id, next_id = next_id, next_id + 1
             rel = f"images/{split}/{image_id:06d}.png"
             records.append({"image": rel, "caption": caption(key), "image_id": str(image_id)})
+            keys.append(key)
             images.append(render(key, rng))
             if split == "train":
                 continue
@@ -332,6 +339,8 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
                     "question_id": image_id * 10 + t, "image_id": image_id, "image": rel,
                     "question": question, "answer": answer, "question_type": qtype,
                 })
+        if split == "val":
+            val_objects = [{"image": r["image"], "objects": [list(o) for o in k]} for r, k in zip(records, keys)]
         _write_split_images(out_dir, split, records, images)
         _dump(p(f"captions_{split}.json"), records)
         if split == "train":
@@ -345,6 +354,17 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
         all_questions[split] = questions
     _dump(p("vqa_answer_list.json"), [a for t in QUESTION_TYPES for a in ANSWERS[t]])
 
+    rng = random.Random(f"shapes-world/{seed}/vision")
+    vision, vision_images = [], []
+    for _ in range(n_vision):
+        key = _draw_key(pools["other"], rng)
+        image_id, next_id = next_id, next_id + 1
+        vision.append({"image": f"images/vision/{image_id:06d}.png", "objects": [list(o) for o in key]})
+        vision_images.append(render(key, rng))
+    _write_split_images(out_dir, "vision", vision, vision_images)
+    _dump(p("vision_pretrain.json"), vision)
+    _dump(p("vision_val.json"), val_objects)
+
     rng = random.Random(f"shapes-world/{seed}/corpus")
     corpus, sentences, triples = [], [], []
     for _ in range(n_corpus):
@@ -354,15 +374,10 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
         if rng.random() >= qa_fraction:
             corpus.append(cap)
             continue
-        types = available_types(key)
-        pairs = []
-        for qtype in rng.sample(types, min(rng.randint(1, 2), len(types))):
-            question, answer = make_question(key, qtype, rng)
-            pairs.append(QA_FORMAT.format(question=question, answer=answer))
-            triples.append(json.dumps(
-                {"caption": cap, "question": question, "answer": answer, "question_type": qtype}
-            ))
-        corpus.append(cap + " " + ". ".join(pairs))
+        qtype = rng.choice(available_types(key))
+        question, answer = make_question(key, qtype, rng)
+        triples.append(json.dumps({"caption": cap, "question": question, "answer": answer, "question_type": qtype}))
+        corpus.append(cap + " " + QA_FORMAT.format(question=question, answer=answer))
     _write_lines(p("corpus.txt"), corpus)
     _write_lines(p("sentences.txt"), sentences)
     _write_lines(p("qa_triples.jsonl"), triples)
@@ -384,6 +399,7 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
         "qa_format": QA_FORMAT,
         "qa_fraction": qa_fraction,
         "splits": dict(sizes),
+        "n_vision": n_vision,
         "counts": {
             "images": dict(sizes),
             "questions": {
@@ -416,11 +432,13 @@ def main(argv=None):
     ap.add_argument("--n-val", type=int, default=200, help="val images (default 200)")
     ap.add_argument("--n-test", type=int, default=200, help="test images (default 200)")
     ap.add_argument("--n-corpus", type=int, default=40000, help="text corpus lines (default 40000)")
-    ap.add_argument("--qa-fraction", type=float, default=0.75,
-                    help="share of corpus lines carrying question-answer pairs (default 0.75)")
+    ap.add_argument("--n-vision", type=int, default=4000, help="unpaired images for the image encoder (default 4000)")
+    ap.add_argument("--qa-fraction", type=float, default=0.9,
+                    help="share of corpus lines carrying question-answer pairs (default 0.9)")
     args = ap.parse_args(argv)
     paths = generate(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                     n_test=args.n_test, n_corpus=args.n_corpus, qa_fraction=args.qa_fraction)
+                     n_test=args.n_test, n_corpus=args.n_corpus, qa_fraction=args.qa_fraction,
+                     n_vision=args.n_vision)
     with open(paths["world"], encoding="utf-8") as f:
         world = json.load(f)
     print(json.dumps({"out": paths["root"], "splits": world["splits"],

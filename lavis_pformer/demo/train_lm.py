@@ -3,9 +3,9 @@
 The miniature demo has no pretrained LLM, so it trains one from scratch and then freezes it, as OPT is
 frozen in the paper. Command line::
 
-    python -m lavis_pformer.demo.train_lm --world DIR --out DIR [--steps 2000] [--layers 3]
+    python -m lavis_pformer.demo.train_lm --world DIR --out DIR [--steps 3000] [--layers 3]
         [--width 128] [--heads 4] [--ffn 512] [--batch-size 64] [--lr 2e-3] [--seed 0]
-        [--max-prefix 8] [--log-every 100] [--threads N]
+        [--max-offset 8] [--log-every 100] [--threads N]
 
 Python: ``train_lm(world_dir, out_dir, ...)`` returns the report dict also written to
 ``out_dir/lm_report.json``.
@@ -24,9 +24,10 @@ Training
 - Texts: each corpus line, as ``</s>`` + line + ``"\\n"``; next-token cross-entropy on every text token,
   answer tokens (the words after ``"Short answer:"``, up to ``"."`` or the end of the line) weighted x3.
 - Position offsets: at use time BLIP-2 puts Q soft-prompt vectors before the text, so the text sits at
-  positions Q..Q+T of OPT's learned absolute position embedding. Every training text is therefore
-  preceded by a random number, uniform in 0..``max_prefix``, of attended random tokens that carry no
-  loss, and the LM works with and without a prefix.
+  positions Q..Q+T of OPT's learned absolute position embedding. Every training text therefore starts
+  at a random position, uniform in 0..``max_offset`` (its positions are shifted; nothing is put
+  before it: a prefix of attended random tokens, tried first, delayed learning to read the context),
+  and the LM works with and without a prefix.
 - Speed: texts are bucketed by length (little padding), padding is only ever on the right (so a plain
   causal mask is exact and positions are 0..T-1, as OPT computes them from the attention mask), and
   the forward pass runs the model's own modules with ``scaled_dot_product_attention``
@@ -41,7 +42,7 @@ of its image from captions_val.json) is fed to the saved model (loaded through L
 3 new tokens, ``"\\n"`` ends the answer. The prediction is the generated text up to the first ``"\\n"``
 or ``"."``, stripped. Accuracy per question type (color, shape, count, yesno), overall, overall without
 yes/no, the share of predictions inside their type's answer set (``on_type``), and the same with a
-dummy prefix of ``max_prefix`` random token embeddings before the text (``with_prefix``: checks that
+dummy prefix of ``max_offset`` random token embeddings before the text (``with_prefix``: checks that
 the text still works at the positions it occupies after a soft prompt).
 """
 import argparse
@@ -131,14 +132,14 @@ def build_model(vocab_size, layers, width, heads, ffn, max_positions, seed=0):
     return OPTForCausalLM(config)
 
 
-def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=None):
+def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=None, offsets=None):
     """OPT's forward for right-padded batches whose real tokens are all attended, using the model's modules.
 
     Positions are 0..T-1 (what OPT derives from the attention mask when only right padding is masked)
-    and attention is causal (right padding never reaches real tokens). ``valid`` ([B, T] bool, a prefix
-    of each row; default all) marks the real tokens: embeddings, projections, feed-forward layers and
-    the LM head run on those tokens only, packed, and only attention sees the padded [B, T] layout, so
-    padding costs little. ``select`` ([B, T] bool, inside ``valid``) keeps only those positions' logits,
+    plus ``offsets`` ([B] long, default 0) per row; attention is causal (right padding never reaches
+    real tokens). ``valid`` ([B, T] bool, a prefix of each row; default all) marks the real tokens:
+    embeddings, projections, feed-forward layers and the LM head run on those tokens only, packed, and
+    only attention sees the padded [B, T] layout, so padding costs little. ``select`` ([B, T] bool, inside ``valid``) keeps only those positions' logits,
     returned flat [N, V] in row-major order; otherwise logits are [B, T, V] (zero at padding).
     """
     decoder = model.model.decoder
@@ -153,7 +154,10 @@ def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=No
     if decoder.project_in is not None:
         h = decoder.project_in(h)
     H = h.shape[-1]
-    positions = torch.arange(T, device=h.device).expand(B, T)[valid]
+    positions = torch.arange(T, device=h.device).expand(B, T)
+    if offsets is not None:
+        positions = positions + offsets.to(h.device)[:, None]
+    positions = positions[valid]
     h = h + decoder.embed_positions.weight[positions + decoder.embed_positions.offset]
     nh = cfg.num_attention_heads
     hd = H // nh
@@ -193,40 +197,36 @@ def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=No
 # batches
 # ---------------------------------------------------------------------------------------------
 
-def batches(ids, weights, batch_size, max_prefix, vocab_size, rng):
-    """Endless stream of (input_ids, targets, weights, valid) batches, all [B, T], in random order.
+def batches(ids, weights, batch_size, max_offset, rng):
+    """Endless stream of (input_ids, targets, weights, valid, offsets) batches in random order.
 
-    Each text gets a prefix of 0..max_prefix (uniform) random non-special tokens, attended but without
-    loss. Rows are right-padded; ``valid`` marks prefix + text. Position t's target is token t+1;
-    prefix and padding positions have weight 0. Batches are not bucketed by length (in this corpus
-    length goes with content: a batch of short texts would hold no questions); ``fast_logits`` makes
-    the padding nearly free instead.
+    input_ids / targets / weights / valid are [B, T]; offsets [B] is each text's first position, uniform in
+    0..max_offset. Rows are right-padded; ``valid`` marks the text. Position t's target is token t+1;
+    padding has weight 0. Batches are not bucketed by length (in this corpus length goes with content: a
+    batch of short texts would hold no questions); ``fast_logits`` makes the padding nearly free instead.
     """
     n = len(ids)
-    n_special = len(SPECIAL_TOKENS)
     while True:
         order = list(range(n))
         rng.shuffle(order)
         for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             members = order[start : start + batch_size]
-            prefix = [rng.randint(0, max_prefix) for _ in members]
-            T = max(k + len(ids[i]) for k, i in zip(prefix, members)) - 1  # inputs drop the last token
+            T = max(len(ids[i]) for i in members) - 1  # inputs drop the last token
             inp = torch.full((len(members), T), PAD_ID, dtype=torch.long)
             tgt = torch.full((len(members), T), PAD_ID, dtype=torch.long)
             wgt = torch.zeros((len(members), T))
             valid = torch.zeros((len(members), T), dtype=torch.bool)
-            for r, (k, i) in enumerate(zip(prefix, members)):
+            for r, i in enumerate(members):
                 seq = ids[i]
-                if k:
-                    inp[r, :k] = torch.randint(n_special, vocab_size, (k,))
-                inp[r, k : k + len(seq) - 1] = torch.tensor(seq[:-1])
-                tgt[r, k : k + len(seq) - 1] = torch.tensor(seq[1:])
-                wgt[r, k : k + len(seq) - 1] = torch.tensor(weights[i][1:])
-                valid[r, : k + len(seq) - 1] = True
-            yield inp, tgt, wgt, valid
+                inp[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+                tgt[r, : len(seq) - 1] = torch.tensor(seq[1:])
+                wgt[r, : len(seq) - 1] = torch.tensor(weights[i][1:])
+                valid[r, : len(seq) - 1] = True
+            offsets = torch.tensor([rng.randint(0, max_offset) for _ in members], dtype=torch.long)
+            yield inp, tgt, wgt, valid, offsets
 
 
-def _lr_at(step, steps, lr, warmup_frac=0.05, floor=0.1, schedule="cosine"):
+def warmup_cosine_lr(step, steps, lr, warmup_frac=0.05, floor=0.1, schedule="cosine"):
     warmup = max(1, int(warmup_frac * steps))
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -376,8 +376,8 @@ def _default_threads():
         return max(1, os.cpu_count() or 1)
 
 
-def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
-             seed=0, max_prefix=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
+def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
+             seed=0, max_offset=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
              eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True, answer_weight=ANSWER_WEIGHT, log=print):
     """Train, save (tokenizer + OPTForCausalLM under ``out_dir``), evaluate; returns the report dict."""
     t_start = time.time()
@@ -393,8 +393,8 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
         ids, weights = encode_corpus(lines, bpe, tokenizer, answer_weight=answer_weight)
         vocab = len(tokenizer)
         lengths = [len(x) for x in ids]
-        # room for the longest training text after the longest prefix, and at least 128 positions
-        max_positions = max(128, 2 ** math.ceil(math.log2(max(lengths) + max_prefix + 1)))
+        # room for the longest training text at the largest offset, and at least 128 positions
+        max_positions = max(128, 2 ** math.ceil(math.log2(max(lengths) + max_offset + 1)))
         model = build_model(vocab, layers, width, heads, ffn, max_positions, seed=seed)
         n_params = sum(p.numel() for p in model.parameters())
         t_prep = time.time() - t_start
@@ -407,7 +407,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
         rng = random.Random(seed)
         torch.manual_seed(seed)
-        stream = batches(ids, weights, batch_size, max_prefix, vocab, rng)
+        stream = batches(ids, weights, batch_size, max_offset, rng)
         quick_items = _load_split(world_dir, eval_split) if quick_eval else None
         model.train()
         history, window, window_tokens = [], 0.0, 0.0
@@ -415,11 +415,11 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
         first_loss = None
         t0 = time.time()
         for step in range(steps):
-            inp, tgt, wgt, valid = next(stream)
+            inp, tgt, wgt, valid, offsets = next(stream)
             for group in optim.param_groups:
-                group["lr"] = _lr_at(step, steps, lr, warmup, schedule=schedule)
+                group["lr"] = warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule)
             select = wgt > 0
-            logits = fast_logits(model, inp, valid=valid, select=select)
+            logits = fast_logits(model, inp, valid=valid, select=select, offsets=offsets)
             w = wgt[select]
             nll = F.cross_entropy(logits, tgt[select], reduction="none")
             loss = (nll * w).sum() / w.sum()
@@ -444,7 +444,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
                     msg = " first-token acc " + " ".join(f"{t} {a:.2f}" for t, a in entry["quick_accuracy"].items())
                 history.append(entry)
                 log(f"[train_lm] step {step + 1}/{steps} loss {mean:.4f} "
-                    f"lr {_lr_at(step, steps, lr, warmup, schedule=schedule):.2e} elapsed {time.time() - t0:.1f}s{msg}")
+                    f"lr {warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule):.2e} elapsed {time.time() - t0:.1f}s{msg}")
                 window = window_tokens = 0.0
         t_train = time.time() - t0
         model.eval()
@@ -452,7 +452,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
         tokenizer.save_pretrained(out_dir)
 
         t1 = time.time()
-        result = evaluate_text_ceiling(out_dir, world_dir, eval_split, prefix_len=max_prefix, seed=seed)
+        result = evaluate_text_ceiling(out_dir, world_dir, eval_split, prefix_len=max_offset, seed=seed)
         t_eval = time.time() - t1
         chance = None
         world_path = os.path.join(world_dir, "world.json")
@@ -466,7 +466,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
             "batch_size": batch_size,
             "lr": lr,
             "seed": seed,
-            "max_prefix": max_prefix,
+            "max_offset": max_offset,
             "threads": threads,
             "sizes": {"layers": layers, "width": width, "heads": heads, "ffn": ffn, "vocab_size": vocab,
                       "max_position_embeddings": max_positions, "parameters": n_params},
@@ -488,7 +488,7 @@ def train_lm(world_dir, out_dir, steps=2000, layers=3, width=128, heads=4, ffn=5
             json.dump(report, f, indent=1)
         acc = " ".join(f"{t} {a:.3f}" for t, a in report["accuracy"].items())
         log(f"[train_lm] text ceiling ({eval_split}): {acc} overall {report['overall']:.3f}; "
-            f"with a {max_prefix}-token prefix: overall {result.get('with_prefix', {}).get('overall', float('nan')):.3f}; "
+            f"with a {max_offset}-token prefix: overall {result.get('with_prefix', {}).get('overall', float('nan')):.3f}; "
             f"train {t_train:.1f}s, total {report['time_s']['total']:.1f}s")
         return report
     finally:
@@ -499,7 +499,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", required=True, help="shapes-world folder (corpus.txt, vqa_val.json, ...)")
     ap.add_argument("--out", required=True, help="output folder for the tokenizer, model and lm_report.json")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -507,7 +507,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-prefix", type=int, default=Q, help=f"largest random prefix (default Q={Q})")
+    ap.add_argument("--max-offset", type=int, default=Q, help=f"largest random position offset (default Q={Q})")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--vocab-size", type=int, default=800)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the available cores)")
@@ -522,7 +522,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     report = train_lm(args.world, args.out, steps=args.steps, layers=args.layers, width=args.width,
                       heads=args.heads, ffn=args.ffn, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_prefix=args.max_prefix, log_every=args.log_every, vocab_size=args.vocab_size,
+                      max_offset=args.max_offset, log_every=args.log_every, vocab_size=args.vocab_size,
                       threads=args.threads, eval_split=args.eval_split, schedule=args.schedule,
                       warmup=args.warmup, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
                       quick_eval=not args.no_quick_eval, answer_weight=args.answer_weight)
