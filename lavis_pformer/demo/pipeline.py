@@ -149,7 +149,8 @@ def build_backbones(out, world, seed, scale, threads=None):
         finally:
             tiny.SIZES["bert"] = old
     if not os.path.exists(vit_path + ".json"):
-        pretrain_vit(world, vit_path, scale["vit"], seed=seed, threads=threads, log=log, **scale["vision"])
+        pretrain_vit(world, vit_path, scale["vit"], seed=seed, threads=threads, device=scale["device"], log=log,
+                     **scale["vision"])
     return bert_dir, vit_path
 
 
@@ -345,7 +346,7 @@ def prepare(out, seed, scale_name, steps, threads=None, world_seed=None, shared=
         os.makedirs(ctx[key], exist_ok=True)
     ws = seed if world_seed is None else world_seed
     ctx["world"] = steps.run("world", build_world, os.path.join(shared, "world"), ws, scale["world"])
-    lm_sizes = dict(scale["lm"])
+    lm_sizes = dict(scale["lm"], device=scale["device"])
     if threads:
         lm_sizes["threads"] = threads
     ctx["lm_report"] = steps.run("lm", build_lm, ctx["world"], os.path.join(shared, "lm"), ws, lm_sizes)

@@ -271,7 +271,9 @@ def quick_accuracy(model, tokenizer, items, batch_size=256):
                 inp[r, : len(e)] = torch.tensor(e)
                 valid[r, : len(e)] = True
                 select[r, len(e) - 1] = True
-            pred = fast_logits(model, inp, valid=valid, select=select).argmax(-1).tolist()
+            device = model.lm_head.weight.device
+            pred = fast_logits(model, inp.to(device), valid=valid.to(device), select=select.to(device))
+            pred = pred.argmax(-1).tolist()
             for it, p in zip(chunk, pred):
                 hits.setdefault(it["question_type"], []).append(clean_answer(tokenizer.decode([p])) == it["answer"])
     finally:
@@ -378,7 +380,8 @@ def _default_threads():
 
 def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
              seed=0, max_offset=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
-             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True, answer_weight=ANSWER_WEIGHT, log=print):
+             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True,
+             answer_weight=ANSWER_WEIGHT, device="cpu", log=print):
     """Train, save (tokenizer + OPTForCausalLM under ``out_dir``), evaluate; returns the report dict."""
     t_start = time.time()
     threads = threads or _default_threads()
@@ -395,7 +398,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         lengths = [len(x) for x in ids]
         # room for the longest training text at the largest offset, and at least 128 positions
         max_positions = max(128, 2 ** math.ceil(math.log2(max(lengths) + max_offset + 1)))
-        model = build_model(vocab, layers, width, heads, ffn, max_positions, seed=seed)
+        model = build_model(vocab, layers, width, heads, ffn, max_positions, seed=seed).to(device)
         n_params = sum(p.numel() for p in model.parameters())
         t_prep = time.time() - t_start
         log(f"[train_lm] {len(lines)} texts, {sum(lengths)} tokens (max {max(lengths)}), vocab {vocab}, "
@@ -415,7 +418,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         first_loss = None
         t0 = time.time()
         for step in range(steps):
-            inp, tgt, wgt, valid, offsets = next(stream)
+            inp, tgt, wgt, valid, offsets = (t.to(device) for t in next(stream))
             for group in optim.param_groups:
                 group["lr"] = warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule)
             select = wgt > 0
@@ -447,7 +450,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
                     f"lr {warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule):.2e} elapsed {time.time() - t0:.1f}s{msg}")
                 window = window_tokens = 0.0
         t_train = time.time() - t0
-        model.eval()
+        model.eval().cpu()
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
 
@@ -468,6 +471,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
             "seed": seed,
             "max_offset": max_offset,
             "threads": threads,
+            "device": str(device),
             "sizes": {"layers": layers, "width": width, "heads": heads, "ffn": ffn, "vocab_size": vocab,
                       "max_position_embeddings": max_positions, "parameters": n_params},
             "corpus": {"texts": len(lines), "tokens": sum(lengths), "max_tokens": max(lengths),
@@ -519,13 +523,14 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--answer-weight", type=float, default=ANSWER_WEIGHT, help="loss weight of answer tokens")
     ap.add_argument("--no-quick-eval", action="store_true", help="skip the first-token accuracy in the logs")
+    ap.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda)")
     args = ap.parse_args(argv)
     report = train_lm(args.world, args.out, steps=args.steps, layers=args.layers, width=args.width,
                       heads=args.heads, ffn=args.ffn, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_offset=args.max_offset, log_every=args.log_every, vocab_size=args.vocab_size,
                       threads=args.threads, eval_split=args.eval_split, schedule=args.schedule,
                       warmup=args.warmup, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
-                      quick_eval=not args.no_quick_eval, answer_weight=args.answer_weight)
+                      quick_eval=not args.no_quick_eval, answer_weight=args.answer_weight, device=args.device)
     print(json.dumps({k: report[k] for k in ("accuracy", "overall", "overall_excl_yesno", "time_s")}, indent=1))
 
 

@@ -78,14 +78,14 @@ def quadrant_accuracy(vit, heads, images, colour, shape, batch_size=256):
         c_logits, s_logits = heads(vit(images[start : start + batch_size]))
         c_ok = c_logits.argmax(-1) == colour[start : start + batch_size]
         s_ok = s_logits.argmax(-1) == shape[start : start + batch_size]
-        hits += torch.stack([c_ok.sum(), s_ok.sum(), (c_ok & s_ok).sum()]).float()
+        hits += torch.stack([c_ok.sum(), s_ok.sum(), (c_ok & s_ok).sum()]).float().cpu()
     vit.train()
     n = colour.numel()
     return {"colour": hits[0].item() / n, "shape": hits[1].item() / n, "both": hits[2].item() / n}
 
 
 def pretrain_vit(world_dir, out_path, vit_config, steps=300, batch_size=128, lr=2e-3, seed=0, threads=None,
-                 log_every=50, log=print):
+                 log_every=50, device="cpu", log=print):
     """Train ``custom_vit(32, vit_config)`` + quadrant heads; save the ViT's weights; return the report."""
     from lavis_pformer.backbones import custom_vit
 
@@ -102,10 +102,12 @@ def pretrain_vit(world_dir, out_path, vit_config, steps=300, batch_size=128, lr=
             raise ValueError(f"{world_dir}/vision_pretrain.json lists no image; generate the world with n_vision > 0")
         images, (colour, shape) = load_images(world_dir, train), quadrant_labels(train)
         val_images, (val_colour, val_shape) = load_images(world_dir, val), quadrant_labels(val)
+        images, colour, shape = images.to(device), colour.to(device), shape.to(device)
+        val_images, val_colour, val_shape = val_images.to(device), val_colour.to(device), val_shape.to(device)
         torch.manual_seed(seed)
         cfg = {k: v for k, v in vit_config.items() if k != "checkpoint"}
-        vit = custom_vit(IMAGE_SIZE, cfg)
-        heads = QuadrantHeads(cfg["embed_dim"], IMAGE_SIZE // cfg["patch_size"])
+        vit = custom_vit(IMAGE_SIZE, cfg).to(device)
+        heads = QuadrantHeads(cfg["embed_dim"], IMAGE_SIZE // cfg["patch_size"]).to(device)
         params = list(vit.parameters()) + list(heads.parameters())
         optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
         rng = random.Random(seed)
@@ -116,7 +118,7 @@ def pretrain_vit(world_dir, out_path, vit_config, steps=300, batch_size=128, lr=
         for step in range(steps):
             for group in optim.param_groups:
                 group["lr"] = warmup_cosine_lr(step, steps, lr)
-            idx = torch.tensor(rng.sample(range(len(train)), min(batch_size, len(train))))
+            idx = torch.tensor(rng.sample(range(len(train)), min(batch_size, len(train))), device=device)
             c_logits, s_logits = heads(vit(images[idx]))
             loss = F.cross_entropy(c_logits.flatten(0, 1), colour[idx].flatten()) + \
                 F.cross_entropy(s_logits.flatten(0, 1), shape[idx].flatten())
@@ -132,7 +134,7 @@ def pretrain_vit(world_dir, out_path, vit_config, steps=300, batch_size=128, lr=
                 window = []
         accuracy = quadrant_accuracy(vit, heads, val_images, val_colour, val_shape)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        torch.save(vit.state_dict(), out_path)
+        torch.save({k: v.cpu() for k, v in vit.state_dict().items()}, out_path)
         report = {"vit_config": cfg, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "images": len(train), "loss_history": history, "val_quadrant_accuracy": accuracy,
                   "time_s": round(time.time() - t_start, 1)}
@@ -158,11 +160,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="torch device of the training (cpu, cuda)")
     args = ap.parse_args(argv)
     vit_config = {"patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth,
                   "num_heads": args.num_heads}
     report = pretrain_vit(args.world, args.out, vit_config, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, seed=args.seed, threads=args.threads)
+                          lr=args.lr, seed=args.seed, threads=args.threads, device=args.device)
     print(json.dumps(report["val_quadrant_accuracy"]))
 
 
