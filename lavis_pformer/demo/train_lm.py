@@ -28,10 +28,10 @@ Training
   at a random position, uniform in 0..``max_offset`` (its positions are shifted; nothing is put
   before it: a prefix of attended random tokens, tried first, delayed learning to read the context),
   and the LM works with and without a prefix.
-- Speed: texts are bucketed by length (little padding), padding is only ever on the right (so a plain
-  causal mask is exact and positions are 0..T-1, as OPT computes them from the attention mask), and
-  the forward pass runs the model's own modules with ``scaled_dot_product_attention``
-  (``fast_logits``; it matches ``OPTForCausalLM.forward``, see tests/test_demo_lm.py).
+- Speed: padding is only ever on the right (so a plain causal mask is exact and positions are the
+  row's offset + 0..T-1), and the forward pass runs the model's own modules with
+  ``scaled_dot_product_attention`` on the real tokens only (``fast_logits``; it matches
+  ``OPTForCausalLM.forward``, see tests/test_demo_lm.py).
 - AdamW, linear warm-up over the first 5% of the steps then cosine decay to 10% of ``lr``, gradient
   clipping at 1, no dropout.
 
@@ -139,8 +139,9 @@ def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=No
     plus ``offsets`` ([B] long, default 0) per row; attention is causal (right padding never reaches
     real tokens). ``valid`` ([B, T] bool, a prefix of each row; default all) marks the real tokens:
     embeddings, projections, feed-forward layers and the LM head run on those tokens only, packed, and
-    only attention sees the padded [B, T] layout, so padding costs little. ``select`` ([B, T] bool, inside ``valid``) keeps only those positions' logits,
-    returned flat [N, V] in row-major order; otherwise logits are [B, T, V] (zero at padding).
+    only attention sees the padded [B, T] layout, so padding costs little. ``select`` ([B, T] bool,
+    inside ``valid``) keeps only those positions' logits, returned flat [N, V] in row-major order;
+    otherwise logits are [B, T, V] (zero at padding).
     """
     decoder = model.model.decoder
     cfg = model.config

@@ -33,12 +33,12 @@ SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 
 def load_images(world_dir, records):
     """[N, 3, 32, 32] tensors through LAVIS's ``blip_image_eval`` processor (what the stages feed the ViT)."""
-    from PIL import Image
-
     from lavis.processors.blip_processors import BlipImageEvalProcessor
 
+    from lavis_pformer.datasets.local_image_text import load_rgb_image
+
     proc = BlipImageEvalProcessor(image_size=IMAGE_SIZE)
-    return torch.stack([proc(Image.open(os.path.join(world_dir, r["image"])).convert("RGB")) for r in records])
+    return torch.stack([proc(load_rgb_image(os.path.join(world_dir, r["image"]))) for r in records])
 
 
 def quadrant_labels(records):
