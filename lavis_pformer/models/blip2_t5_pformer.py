@@ -1,9 +1,10 @@
 """Stage 2 with Flan-T5 (``blip2_t5_pformer``): LAVIS BLIP-2 T5 + alignment to the P-Former (w2 = 100).
 
 Captioning data gives ``text_input`` only; LAVIS's Blip2T5 needs ``text_input`` (encoder) and
-``text_output`` (decoder target). As in stage 0, each caption is split at a random word boundary
-(``split_prefix_suffix``: the prefix has at least one word, the suffix may be empty) unless the samples
-already carry ``text_output``; a caption that starts with the model's ``prompt`` is split after it.
+``text_output`` (decoder target). Unless the samples already carry ``text_output``, a caption of n words
+is split after k words, k uniform in 1 .. max(1, n // 2) (the reference's stage-2 distribution,
+``split_prefix_suffix(..., stage="stage2")``; a one-word caption gives an empty suffix); a caption that
+starts with the model's ``prompt`` is split after it.
 The P-Former teacher reads the whole caption (``text_input`` + " " + ``text_output`` when the dataset
 gives both).
 
@@ -62,7 +63,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.
 
         A caption that starts with the model's ``prompt`` (captioning fine-tune: "a photo of ...") is split
-        after the prompt, so the encoder reads what ``generate`` feeds it; others at a random word boundary.
+        after the prompt, so the encoder reads what ``generate`` feeds it; others after 1 .. max(1, n // 2) words.
         """
         if "text_output" in samples:
             return samples
@@ -73,7 +74,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         prompt = (self.prompt or "").strip()
         if prompt and text.startswith(prompt) and text[len(prompt):].strip():
             return prompt, text[len(prompt):].strip()
-        return split_prefix_suffix(text, self.rng)
+        return split_prefix_suffix(text, self.rng, stage="stage2")
 
     def alignment_texts(self, samples):
         texts = _as_list(samples["text_input"])

@@ -1,8 +1,9 @@
 """Stage 0 against a frozen Flan-T5 (``pformer_t5``).
 
-Each sentence is split at a random word boundary (``lavis_pformer.text.split_prefix_suffix``): the T5
-encoder reads ``[prompt ; prefix]`` and the decoder predicts the suffix (empty for one-word
-sentences: the target is then just </s>). The P-Former sees the whole sentence, unmasked by default.
+Each sentence of n words is split after k words, k uniform in 1 .. 1 + n // 2 (the reference's stage-0
+distribution, ``lavis_pformer.text.split_prefix_suffix``): the T5 encoder reads ``[prompt ; prefix]`` and
+the decoder predicts the suffix (it may be empty, always for one-word sentences: the target is then just
+</s>). The P-Former sees the whole sentence, unmasked by default.
 """
 import os
 import random
@@ -51,8 +52,12 @@ class PFormerT5(PFormerPretrain):
         )
         return torch.cat([prompt.to(embeds.dtype), embeds], dim=1), attention
 
+    def split(self, text):
+        """(prefix, suffix) of one sentence, with stage 0's prefix-length distribution."""
+        return split_prefix_suffix(text, self.rng, stage="stage0")
+
     def llm_loss(self, prompt, texts):
-        prefixes, suffixes = zip(*(split_prefix_suffix(t, self.rng) for t in texts))
+        prefixes, suffixes = zip(*(self.split(t) for t in texts))
         return self.seq2seq_loss(prompt, prefixes, suffixes)
 
     def seq2seq_loss(self, prompt, encoder_texts, targets_texts):
