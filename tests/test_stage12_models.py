@@ -348,6 +348,36 @@ def test_opt_predict_answers_left_padding_matches_single_questions(models):
     assert model.opt_tokenizer.padding_side == "right"  # training tokenization unaffected
 
 
+@pytest.mark.parametrize("name", [OPT, T5])
+def test_long_question_prompt_is_never_truncated(models, monkeypatch, name):
+    """A question longer than max_txt_len (24 here) keeps its whole prompt, "Short answer:" included."""
+    model = models[name].eval()
+    llm = llm_of(model)
+    tokenizer = model.opt_tokenizer if name == OPT else model.t5_tokenizer
+    question = "is the small red circle that is left of the big blue square and above the green triangle " * 3
+    prompt = "Question: {} Short answer:"
+    full = tokenizer(prompt.format(question.strip()), add_special_tokens=False).input_ids
+    assert len(full) > 2 * model.max_txt_len
+    seen = {}
+    original = type(llm).generate
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(llm), "generate", spy)
+    model.predict_answers({"image": batch(2)["image"], "text_input": [question.strip(), "what color?"]},
+                          num_beams=1, max_len=3, prompt=prompt)
+    if name == OPT:  # the prompt tokens follow the soft prompt in input_ids (left padding)
+        read = seen["input_ids"][0].tolist()
+    else:  # T5's encoder reads [soft prompt ; question tokens]: recover the tokens from their embeddings
+        embeds = seen["inputs_embeds"][0, Q:]
+        table = llm.encoder.embed_tokens.weight
+        read = [int((table - e).abs().sum(1).argmin()) for e in embeds]
+    text = tokenizer.decode(read, skip_special_tokens=True)
+    assert text.strip().endswith("Short answer:") and question.strip()[:40] in text
+
+
 class FakeToken:
     def __init__(self, text):
         self.text, self.pos_, self.lemma_ = text, "NOUN", text.upper()
@@ -431,6 +461,17 @@ def test_t5_caption_prompt_is_the_encoder_prefix(models, monkeypatch):
     split = model.prepare_lavis_samples({"text_input": ["a photo of a dog", "a photo of"]})
     assert split["text_input"][0] == "a photo of" and split["text_output"][0] == "a dog"
     assert model.alignment_texts({"text_input": ["a photo of a dog"]}) == ["a dog"]
+
+
+def test_t5_stage2_split_uses_the_stage2_distribution(models, monkeypatch):
+    import random
+
+    model = models[T5]
+    monkeypatch.setattr(model, "rng", random.Random(0))
+    caption = " ".join(f"w{i}" for i in range(10))
+    lengths = {len(model.split_caption(caption)[0].split()) for _ in range(300)}
+    assert lengths == set(range(1, 6))  # 1 .. 10 // 2
+    assert model.split_caption("dog") == ("dog", "")
 
 
 # --- training on a fixed batch ------------------------------------------------------------------------------

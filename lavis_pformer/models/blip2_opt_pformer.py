@@ -121,7 +121,7 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
                         num_ans_candidates=128, answer_list=None, prompt="", length_penalty=-1, **kwargs):
         """One answer string per question: OPT continues ``prompt.format(question)`` after the image prompt.
 
-        Same arguments as LAVIS's ``Blip2T5.predict_answers`` (num_ans_candidates / answer_list unused).
+        The question prompt is never truncated (``max_txt_len`` applies to training captions). Same arguments as LAVIS's ``Blip2T5.predict_answers`` (num_ans_candidates / answer_list unused).
         """
         self._check_inference_method(inference_method)
         image = samples["image"]
@@ -130,10 +130,10 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
         texts = [prompt.format(q) for q in questions] if prompt else questions
         inputs_opt = self.image_prompt(image)
         try:
-            # Decoder-only generation: pad on the left so every prompt ends right before the answer.
+            # Decoder-only generation: pad on the left so every prompt ends right before the answer. Never
+            # truncated (max_txt_len bounds training captions only): a long question would lose "Short answer:".
             self.opt_tokenizer.padding_side = "left"
-            tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
-                                        max_length=self.max_txt_len).to(image.device)
+            tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest").to(image.device)
         finally:
             self.opt_tokenizer.padding_side = "right"
         attention_mask = torch.cat(
