@@ -55,7 +55,7 @@ RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 RANDOM_INIT_MARKER = "RANDOM_INIT_BACKBONE"
 MB = 2 ** 20
 
-# Paper sizes (METHOD.md; LAVIS's create_eva_vit_g for the ViT).
+# Paper sizes (docs/method.md; LAVIS's create_eva_vit_g for the ViT).
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                  vocab_size=30522, max_position_embeddings=512)
 OPT_2_7B = dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, vocab_size=50272,

@@ -72,7 +72,7 @@ def strip_prompt(text, prompt):
 class PFormerAlignmentMixin:
     """Frozen P-Former teacher + ``loss_align`` on top of a LAVIS BLIP-2 model (see the module docstring)."""
 
-    # Paper defaults (METHOD.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.
+    # Paper defaults (docs/method.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.
     DEFAULT_ALIGNMENT_WEIGHT = None
 
     def setup_alignment(self, alignment_weight, pformer_checkpoint, num_query_token, llm_hidden_size=None,

@@ -194,7 +194,7 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
         "vatex_opt2.7b": os.path.join(CONFIG_DIR, "video_opt_pformer_vatex_opt2.7b.yaml"),
         "tiny": os.path.join(CONFIG_DIR, "video_opt_pformer_tiny.yaml"),
     }
-    # The captioning loss is trained with the prompt aligned as in image stage 2 (w2 = 100, METHOD.md).
+    # The captioning loss is trained with the prompt aligned as in image stage 2 (w2 = 100, docs/method.md).
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
 
     def __init__(self, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
