@@ -3,7 +3,7 @@ contrastive loss over the global batch, and the VQ commitment term toward the LL
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lavis.models.base_model import all_gather_with_grad
+from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from torch import Tensor
 
 
@@ -32,14 +32,31 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return all_gather_with_grad(x.contiguous())
 
 
-def two_view_contrastive_loss(feat_a: Tensor, feat_b: Tensor, temperature, label_smoothing: float = 0.1) -> Tensor:
+def gather_without_grad(x: Tensor) -> Tensor:
+    """[B, ...] per rank -> [world*B, ...] in rank order, detached (LAVIS's concat_all_gather with a group)."""
+    if _world()[1] == 1:
+        return x.detach()
+    return concat_all_gather(x.contiguous())
+
+
+def two_view_contrastive_loss(feat_a: Tensor, feat_b: Tensor, temperature, label_smoothing: float = 0.1,
+                              key_grad: bool = False) -> Tensor:
     """Symmetric InfoNCE between two views [B, D] (normalised) of the same B sentences, negatives from the
-    global batch of all ranks (each rank must hold the same B). Mean over local rows and both directions."""
+    global batch of all ranks (each rank must hold the same B). Mean over local rows and both directions:
+
+        (CE(a_i . b_all / t, i) + CE(b_i . a_all / t, i)) / 2, label-smoothed cross-entropy.
+
+    ``key_grad=False`` (default): the gathered side (``b_all`` / ``a_all``, the columns) is a constant, so
+    each feature gets gradient through its own rows only, as in the reference implementation's one-view
+    loss and LAVIS's ITC; for two identical views the value and every gradient equal the reference's.
+    ``key_grad=True``: gathered with gradient (``gather_with_grad``); for identical views that doubles the
+    gradient of the features (the temperature's is unchanged)."""
     if feat_a.shape != feat_b.shape or feat_a.dim() != 2:
         raise ValueError(f"two_view_contrastive_loss: views must both be [B, D], got {tuple(feat_a.shape)} "
                          f"and {tuple(feat_b.shape)}")
     rank, _ = _world()
-    a_all, b_all = gather_with_grad(feat_a), gather_with_grad(feat_b)
+    gather = gather_with_grad if key_grad else gather_without_grad
+    a_all, b_all = gather(feat_a), gather(feat_b)
     targets = rank * feat_a.size(0) + torch.arange(feat_a.size(0), device=feat_a.device)
     logits_ab = feat_a.float() @ b_all.float().t() / temperature
     logits_ba = feat_b.float() @ a_all.float().t() / temperature

@@ -77,6 +77,42 @@ def test_contrastive_single_process_matches_hand_computation():
         two_view_contrastive_loss(a, b[:5], t)
 
 
+def _reference_gradients(f, t, eps):
+    """Gradients of the reference's one-view loss mean_i CE(f_i . sg(f_j) / t, label i, smoothing eps), by hand:
+    with p_ij = softmax_j(f_i . f_j / t) and y_ij = (1 - eps) [i == j] + eps / B,
+    dL/df_i = sum_j (p_ij - y_ij) f_j / (B t) (columns constant) and dL/dt = -sum_ij (p_ij - y_ij) f_i . f_j / (B t^2)."""
+    b = f.size(0)
+    sim = f @ f.t()
+    residual = (sim / t).softmax(dim=1) - ((1 - eps) * torch.eye(b) + eps / b)
+    return residual @ f / (b * t), -(residual * sim).sum() / (b * t * t), residual
+
+
+@pytest.mark.parametrize("t_value", [0.07, 0.5])
+def test_contrastive_identical_views_reproduce_the_reference_gradient(t_value):
+    """Default (gradient through the rows only): two identical views give the reference's one-view loss and
+    exactly its gradients; with the gathered side differentiated too (key_grad) the feature gradient becomes
+    rows + columns, about twice as large."""
+    g = torch.Generator().manual_seed(3)
+    f = F.normalize(torch.randn(12, 8, generator=g), dim=-1).requires_grad_()
+    t = torch.tensor(t_value, requires_grad=True)
+    want_f, want_t, residual = _reference_gradients(f.detach(), t.detach(), 0.1)
+
+    loss = two_view_contrastive_loss(f, f, t)
+    torch.testing.assert_close(loss, _by_hand(f.detach(), f.detach(), t.detach(), 0.1))
+    got_f, got_t = torch.autograd.grad(loss, (f, t))
+    torch.testing.assert_close(got_f, want_f, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-7)
+
+    both = two_view_contrastive_loss(f, f, t, key_grad=True)
+    got_f, got_t = torch.autograd.grad(both, (f, t))
+    b = f.size(0)
+    torch.testing.assert_close(got_f, (residual + residual.t()) @ f.detach() / (b * t.detach()), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-7)
+    if t_value == 0.07:  # the self-similarity dominates every row: p is almost symmetric, the ratio almost 2
+        ratio = (got_f.norm() / want_f.norm()).item()
+        assert 1.9 < ratio < 2.1, ratio
+
+
 GLOBAL_B, D, WORLD = 8, 6, 2
 
 
@@ -88,12 +124,13 @@ def _problem():
     return xa, xb, proj, temp
 
 
-def _step(xa, xb, proj, temp):
+def _step(xa, xb, proj, temp, key_grad):
     """Loss of one step; leaves (inputs, proj, temp) get grads."""
-    return two_view_contrastive_loss(F.normalize(xa @ proj, dim=-1), F.normalize(xb @ proj, dim=-1), temp)
+    return two_view_contrastive_loss(F.normalize(xa @ proj, dim=-1), F.normalize(xb @ proj, dim=-1), temp,
+                                     key_grad=key_grad)
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, out_dir, key_grad):
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it hangs)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -101,7 +138,7 @@ def _worker(rank, port, out_dir):
         local = slice(rank * GLOBAL_B // WORLD, (rank + 1) * GLOBAL_B // WORLD)
         xa, xb = xa[local].clone().requires_grad_(), xb[local].clone().requires_grad_()
         proj, temp = proj.requires_grad_(), temp.requires_grad_()
-        loss = _step(xa, xb, proj, temp)
+        loss = _step(xa, xb, proj, temp, key_grad)
         loss.backward()
         for p in (proj, temp):  # what DDP does to replicated parameters
             dist.all_reduce(p.grad)
@@ -118,9 +155,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_contrastive_two_ranks_equals_one_process_on_full_batch(tmp_path):
+@pytest.mark.parametrize("key_grad", [False, True])
+def test_contrastive_two_ranks_equals_one_process_on_full_batch(tmp_path, key_grad):
     # fork: the children inherit the imported modules (spawn would re-import torch and LAVIS, ~10 s each)
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), key_grad), nprocs=WORLD, join=False,
                              start_method="fork")
     deadline = time.monotonic() + 60
     try:
@@ -134,7 +172,7 @@ def test_contrastive_two_ranks_equals_one_process_on_full_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     xa, xb, proj, temp = (t.requires_grad_() for t in _problem())
-    loss = _step(xa, xb, proj, temp)
+    loss = _step(xa, xb, proj, temp, key_grad)
     loss.backward()
 
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss.detach(), atol=1e-6, rtol=0)

@@ -57,7 +57,35 @@ def test_gradients_reach_pformer_only_and_llm_is_unchanged(name, request):
     optimizer.step()
     after = llm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not llm.training
+    assert llm.training  # llm_train_mode (default): frozen, but its dropout follows model.train()
+
+
+@pytest.mark.parametrize("llm, train_mode", [("opt", True), ("opt", False), ("t5", True), ("t5", False)])
+def test_llm_mode_in_stage0(tiny, llm, train_mode):
+    """Default (like the reference): model.train() puts the frozen LLM in train mode, its dropout active, so
+    the reconstruction loss of a fixed prompt varies from call to call; llm_train_mode: False keeps it in eval."""
+    arch, model_type = {"opt": ("pformer_opt", "pformer_opt2.7b"), "t5": ("pformer_t5", "pformer_flant5xl")}[llm]
+    overrides = {} if train_mode else {"llm_train_mode": False}
+    torch.manual_seed(0)
+    model = build_model(arch, model_type, **tiny_stage0_overrides(tiny, llm, **overrides))
+    assert model.llm_train_mode is train_mode
+    llm_module = model.llm_module()
+    assert not llm_module.training  # built frozen and in eval mode
+    model.train()
+    rate = llm_module.config.dropout if llm == "opt" else llm_module.config.dropout_rate
+    assert rate > 0 and all(m.training is train_mode for m in llm_module.modules())
+    prompt = torch.randn(2, 4, llm_module.config.hidden_size if llm == "opt" else llm_module.config.d_model)
+    if llm == "t5":
+        model.rng = random.Random(0)
+        first = model.llm_loss(prompt, ["a red circle on the left", "two blue squares"])
+        model.rng = random.Random(0)
+    else:
+        first = model.llm_loss(prompt, ["a red circle on the left", "two blue squares"])
+    second = model.llm_loss(prompt, ["a red circle on the left", "two blue squares"])
+    assert (not torch.equal(first, second)) is train_mode
+    model.eval()
+    assert not llm_module.training
+    assert all(p.requires_grad is False for p in llm_module.parameters())
 
 
 def test_opt_loss_terms_and_total_falls(opt_model):

@@ -15,7 +15,7 @@ import torch
 from lavis.models.blip2_models.blip2 import Blip2Base
 
 from lavis_pformer.backbones import BackboneMixin, bert_tokenizer
-from lavis_pformer.config_checks import as_float, as_int
+from lavis_pformer.config_checks import as_bool, as_float, as_int
 from lavis_pformer.losses import two_view_contrastive_loss, vq_commitment_loss
 from lavis_pformer.pformer import PFormer
 from lavis_pformer.text import mask_tokens
@@ -32,7 +32,8 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
 
     def __init__(self, bert_model, llm_name, num_query_token=32, max_txt_len=32, embed_dim=256,
                  mask_prob=0.25, lm_weight=1.0, contrastive_weight=1.0, vq_weight=1.0,
-                 label_smoothing=0.1, vq_chunk_size=8192, qa_weight=0.0, qa_prompt=QA_PROMPT):
+                 label_smoothing=0.1, vq_chunk_size=8192, qa_weight=0.0, qa_prompt=QA_PROMPT,
+                 contrastive_key_grad=False, llm_train_mode=True):
         self.set_backbones(bert_model=bert_model)
         super().__init__()
         self.tokenizer = bert_tokenizer(bert_model)
@@ -45,6 +46,8 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
         self.label_smoothing = label_smoothing
         self.vq_chunk_size = vq_chunk_size
         self.embed_dim = embed_dim
+        self.contrastive_key_grad = bool(contrastive_key_grad)
+        self.llm_train_mode = bool(llm_train_mode)
 
     def build_pformer(self, llm_hidden_size):
         """Called by subclasses once the LLM (and so its width) is known."""
@@ -59,9 +62,12 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
         return module.eval()
 
     def train(self, mode=True):
-        """The frozen LLM stays in eval mode (no dropout) when LAVIS's runner calls model.train()."""
+        """LAVIS's runner calls model.train() every epoch. With ``llm_train_mode`` (default, as the reference
+        implementation and stock BLIP-2 stage 2) the frozen LLM follows, so its dropout is active while the
+        P-Former trains; with ``llm_train_mode: False`` it stays in eval mode (no dropout)."""
         super().train(mode)
-        self.llm_module().eval()
+        if not self.llm_train_mode:
+            self.llm_module().eval()
         return self
 
     def llm_module(self):
@@ -98,7 +104,8 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
         losses = {"loss_lm": self.weights["lm"] * self.llm_loss(prompt, texts)}
         if self.weights["c"] > 0:
             losses["loss_c"] = self.weights["c"] * two_view_contrastive_loss(
-                out.text_feat[:batch], out.text_feat[batch:], self.pformer.temperature(), self.label_smoothing
+                out.text_feat[:batch], out.text_feat[batch:], self.pformer.temperature(), self.label_smoothing,
+                key_grad=self.contrastive_key_grad,
             )
         if self.weights["vq"] > 0:
             losses["loss_vq"] = self.weights["vq"] * vq_commitment_loss(
@@ -142,12 +149,17 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
             vq_chunk_size=as_int(cfg, "vq_chunk_size", 8192, minimum=1),
             qa_weight=as_float(cfg, "qa_weight", 0.0, minimum=0),
             qa_prompt=cfg.get("qa_prompt", QA_PROMPT),
+            contrastive_key_grad=as_bool(cfg, "contrastive_key_grad", False),
+            llm_train_mode=as_bool(cfg, "llm_train_mode", True),
         )
 
     def finish_from_config(self, cfg):
         self.load_checkpoint_from_config(cfg)
         logging.info(
-            "P-Former stage 0: Q=%d, LLM %s, weights %s, mask_prob %.2f",
+            "P-Former stage 0: Q=%d, LLM %s, weights %s, mask_prob %.2f, LLM in %s mode while training, "
+            "contrastive gradient through %s",
             self.num_query_token, self.llm_name, self.weights, self.mask_prob,
+            "train" if self.llm_train_mode else "eval", "rows and gathered columns" if self.contrastive_key_grad
+            else "rows only",
         )
         return self
