@@ -7,7 +7,8 @@ distributed-equivalence test (tests/test_distributed_equivalence.py).
 Every rank takes its block of a fixed global batch of 2 x B samples (rank r: samples r*B .. r*B+B-1, the
 order in which LAVIS gathers features). Run in one process (``run_cases(..., world=1)``), the same code
 takes all 2B samples. Dropout is off (p = 0) and stage 0 masks nothing (mask_prob 0), so that the forward
-is a function of the samples alone; the frozen OPT and ViT are in eval mode anyway.
+is a function of the samples alone; the frozen OPT (stage 0: ``llm_train_mode: False``, since OPT's dropout
+is functional and ``_dropout_off`` cannot reach it) and ViT are in eval mode.
 
 Per case it records, averaged over ranks as DDP and LAVIS's metric logger average them:
 - ``loss``: each loss term;
@@ -81,7 +82,7 @@ def stage0_model(paths):
 
     cfg = OmegaConf.create(dict(
         bert_model=paths["bert"], opt_model=paths["opt"], llm_precision="fp32", num_query_token=Q,
-        max_txt_len=24, embed_dim=16, mask_prob=0.0, load_pretrained=False,
+        max_txt_len=24, embed_dim=16, mask_prob=0.0, load_pretrained=False, llm_train_mode=False,
     ))
     torch.manual_seed(0)
     model = registry.get_model_class("pformer_opt").from_config(cfg)

@@ -474,6 +474,57 @@ def test_t5_stage2_split_uses_the_stage2_distribution(models, monkeypatch):
     assert model.split_caption("dog") == ("dog", "")
 
 
+# --- lm_weight: alignment-only stage 2 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [OPT, T5])
+def test_alignment_only_stage2(tiny, teachers, monkeypatch, name):
+    """lm_weight 0: loss = loss_align alone, the LLM is never run, and loss_align and its gradient are those of
+    the same model with the LM loss on."""
+    full = build(tiny, name, seed=5, pformer_checkpoint=teachers[teacher_for(name)]).train()
+    only = build(tiny, name, seed=5, pformer_checkpoint=teachers[teacher_for(name)], lm_weight=0).train()
+    assert full.lm_weight == 1.0 and only.lm_weight == 0.0
+    samples = batch()
+    torch.manual_seed(0)
+    expected = full(samples)
+    trainable = [p for p in full.parameters() if p.requires_grad]
+    expected_grads = torch.autograd.grad(expected["loss_align"], trainable, allow_unused=True)
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM must not run when lm_weight is 0")
+
+    monkeypatch.setattr(llm_of(only), "forward", no_llm)
+    torch.manual_seed(0)
+    out = only(samples)
+    assert set(out) == {"loss", "loss_align"}
+    torch.testing.assert_close(out["loss"], expected["loss_align"])
+    grads = torch.autograd.grad(out["loss"], [p for p in only.parameters() if p.requires_grad], allow_unused=True)
+    assert len(grads) == len(expected_grads)
+    for got, want in zip(grads, expected_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)
+
+
+def test_lm_weight_scales_the_lm_loss_and_is_checked(tiny, teachers):
+    one = build(tiny, OPT, seed=5, pformer_checkpoint=teachers["opt"]).train()
+    two = build(tiny, OPT, seed=5, pformer_checkpoint=teachers["opt"], lm_weight=2.5).train()
+    torch.manual_seed(0)
+    a = one(batch())
+    torch.manual_seed(0)
+    b = two(batch())
+    torch.testing.assert_close(b["loss_lm"], 2.5 * a["loss_lm"])
+    torch.testing.assert_close(b["loss"], b["loss_lm"] + b["loss_align"])
+    with pytest.raises(ValueError, match="both 0"):
+        build(tiny, OPT, lm_weight=0, alignment_weight=0)
+    with pytest.raises(ValueError, match="lm_weight must be a number"):
+        build(tiny, T5, lm_weight="0,", pformer_checkpoint=teachers["t5"])
+    inference = build(tiny, T5, for_training=False, lm_weight=0)
+    with pytest.raises(RuntimeError, match="built without its P-Former teacher"):
+        inference.train()(batch())
+    with pytest.raises(RuntimeError, match="lm_weight is 0 and there is no P-Former teacher"):
+        inference.eval()(batch())
+
+
 # --- training on a fixed batch ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [STAGE1, OPT])

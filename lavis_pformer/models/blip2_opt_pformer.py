@@ -19,7 +19,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
 from lavis_pformer.backbones import BackboneMixin
-from lavis_pformer.config_checks import as_bool
+from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
 from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
@@ -31,9 +31,22 @@ STAGE1_ONLY_KEYS = ("temp",)
 
 
 class Stage2Mixin:
-    """Shared by the OPT and T5 stage-2 models: ``<llm>_proj`` from stage 1's ``llm_proj``."""
+    """Shared by the OPT and T5 stage-2 models: ``<llm>_proj`` from stage 1's ``llm_proj``, and ``lm_weight``.
+
+    ``lm_weight`` (default 1) scales LAVIS's LM loss; ``lm_weight: 0`` trains on the alignment loss alone
+    (the reference's alignment-only stage 2): the LLM is then not run in ``forward``.
+    """
 
     PROJ = None  # "opt_proj" / "t5_proj"
+
+    def setup_lm_weight(self, lm_weight):
+        """Call after ``setup_alignment``."""
+        self.lm_weight = float(lm_weight)
+        if self.lm_weight < 0:
+            raise ValueError(f"model.lm_weight must be >= 0, got {self.lm_weight:g}")
+        if self.lm_weight == 0 and self.alignment_weight == 0:
+            raise ValueError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
+                             "lm_weight: 1 (LM loss) and/or alignment_weight > 0 (alignment to the P-Former)")
 
     def alignment_source(self):
         return getattr(self, self.PROJ)
@@ -42,7 +55,33 @@ class Stage2Mixin:
         return projected
 
     def lavis_loss_terms(self, output):
-        return {"loss_lm": output["loss"]}
+        return {} if output["loss"] is None else {"loss_lm": self.lm_weight * output["loss"]}
+
+    def projected_queries(self, image):
+        """``<llm>_proj(query_output)`` [B, Q, H_llm] computed as LAVIS's stage-2 ``forward`` computes it (the ViT
+        under ``maybe_autocast``, the Q-Former and projection outside), without the LLM."""
+        with self.maybe_autocast():
+            image_embeds = self.ln_vision(self.visual_encoder(image))
+        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
+        query_output = self.Qformer.bert(
+            query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
+            encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True,
+        )
+        return getattr(self, self.PROJ)(query_output.last_hidden_state)
+
+    def forward(self, samples):
+        """LAVIS's forward ({"loss": LM loss}); with ``lm_weight`` 0 only the projected queries are computed
+        (the alignment hook reads them) and the result is {"loss": None}."""
+        if self.lm_weight > 0:
+            return super().forward(samples)
+        if getattr(self, "pformer_teacher", None) is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: lm_weight is 0 and there is no P-Former teacher, so there is no loss. "
+                "An alignment-only stage 2 needs model.alignment_weight > 0, model.pformer_checkpoint and run.task "
+                "image_text_pretrain_pformer or captioning_pformer (which build the model for training)."
+            )
+        self.projected_queries(samples["image"])
+        return {"loss": None}
 
     def adapt_state_dict(self, state_dict):
         """Rename stage 1's ``llm_proj.*`` to ``<llm>_proj.*`` and drop stage-1-only tensors."""
@@ -78,7 +117,7 @@ class Stage2Mixin:
 
 @registry.register_model("blip2_opt_pformer")
 class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2OPT):
-    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher)."""
+    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         "pretrain_opt2.7b": os.path.join(CONFIG_DIR, "blip2_opt_pformer_pretrain_opt2.7b.yaml"),
@@ -92,7 +131,7 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="fp16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, apply_lemmatizer=False,
-                 for_training=False, **lavis_kwargs):
+                 for_training=False, lm_weight=1.0, **lavis_kwargs):
         self.set_backbones(bert_model=bert_model, vit_config=vit_config)
         super().__init__(**lavis_kwargs)
         self.opt_model = self.cast_llm(self.opt_model, llm_precision)
@@ -104,6 +143,7 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
             llm_hidden_size=self.opt_model.config.hidden_size,
             llm_name=lavis_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
         )
+        self.setup_lm_weight(lm_weight)
 
     def image_prompt(self, image):
         """The soft prompt OPT reads for ``image`` [B, 3, H, W]: opt_proj(query output) [B, Q, H_opt]."""
@@ -156,11 +196,13 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
     def from_config(cls, cfg, for_training=False):
         """Keys: Blip2OPT's (vit_model, image_size, num_query_token, opt_model, drop_path_rate,
         use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len) + bert_model, vit_config,
-        llm_precision (fp16), alignment_weight (default 100), pformer_checkpoint, apply_lemmatizer,
-        load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
+        llm_precision (fp16), alignment_weight (default 100), lm_weight (default 1; 0 = alignment only),
+        pformer_checkpoint, apply_lemmatizer, load_pretrained / pretrained (a stage-1 checkpoint),
+        load_finetuned / finetuned.
         """
         model = cls(
             opt_model=cfg.get("opt_model", "facebook/opt-2.7b"),
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
             prompt=cfg.get("prompt", "") or "",
             llm_precision=cfg.get("llm_precision", "fp16"),
             apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),

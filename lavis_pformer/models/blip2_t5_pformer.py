@@ -20,7 +20,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_pformer.backbones import BackboneMixin
-from lavis_pformer.config_checks import as_bool
+from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
 from lavis_pformer.models.blip2_opt_pformer import Stage2Mixin
 from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
@@ -34,7 +34,7 @@ def _as_list(texts):
 
 @registry.register_model("blip2_t5_pformer")
 class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2T5):
-    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher)."""
+    """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         "pretrain_flant5xl": os.path.join(CONFIG_DIR, "blip2_t5_pformer_pretrain_flant5xl.yaml"),
@@ -47,7 +47,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
-                 split_seed=0, **lavis_kwargs):
+                 split_seed=0, lm_weight=1.0, **lavis_kwargs):
         self.set_backbones(bert_model=bert_model, vit_config=vit_config)
         super().__init__(**lavis_kwargs)  # casts T5 to bf16
         self.t5_model = self.cast_llm(self.t5_model, llm_precision)
@@ -58,6 +58,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
             llm_hidden_size=self.t5_model.config.hidden_size,
             llm_name=lavis_kwargs.get("t5_model", "google/flan-t5-xl"), for_training=for_training,
         )
+        self.setup_lm_weight(lm_weight)
 
     def prepare_lavis_samples(self, samples):
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.
@@ -91,11 +92,12 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
     def from_config(cls, cfg, for_training=False):
         """Keys: Blip2T5's (vit_model, image_size, num_query_token, t5_model, drop_path_rate,
         use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len, apply_lemmatizer) + bert_model,
-        vit_config, llm_precision (bf16), alignment_weight (default 100), pformer_checkpoint,
-        load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
+        vit_config, llm_precision (bf16), alignment_weight (default 100), lm_weight (default 1; 0 = alignment
+        only), pformer_checkpoint, load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
         """
         model = cls(
             t5_model=cfg.get("t5_model", "google/flan-t5-xl"),
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
             prompt=cfg.get("prompt", "") or "",
             llm_precision=cfg.get("llm_precision", "bf16"),
             apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
