@@ -3,6 +3,7 @@ world, configs, and train.py / evaluate.py on tiny backbones with a tiny stage-0
 import argparse
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -395,10 +396,10 @@ def test_loss_falls_on_a_fixed_batch(tiny, teacher):
 # --- configs ----------------------------------------------------------------------------------------------
 
 VATEX = {  # config: (lm_weight, alignment_weight, load_pretrained)
-    "vatex_caption_opt2.7b": (1.0, 0.0, False),
-    "vatex_caption_align_opt2.7b": (1.0, 100.0, False),
-    "vatex_align_stage1_opt2.7b": (0.0, 10.0, False),
-    "vatex_caption_stage2_opt2.7b": (1.0, 100.0, True),
+    "vatex_caption_opt2.7b": (1.0, 0.0, False),  # Table 7 baseline
+    "vatex_caption_align_opt2.7b": (1.0, 100.0, False),  # one-stage variant
+    "vatex_align_stage1_opt2.7b": (0.0, 100.0, False),  # reference schedule, stage 1: alignment only, w = 100
+    "vatex_caption_stage2_opt2.7b": (1.0, 0.0, True),  # reference schedule, stage 2: captioning only
 }
 
 
@@ -416,6 +417,12 @@ def test_vatex_configs_parse_and_build_on_tiny_backbones(tiny, name):
     assert run.valid_splits == ([] if lm_weight == 0 else ["val"])
     script = os.path.join(REPO, "run_scripts", "pformer", "train", f"{name}.sh")
     assert f"projects/pformer/train/{name}.yaml" in open(script).read() and os.access(script, os.X_OK)
+    # the reference's video schedule: 10 epochs at a global batch of 128, prompt "a photo of "
+    nproc = int(re.search(r"--nproc_per_node=(\d+)", open(script).read()).group(1))
+    assert run.max_epoch == 10 and run.batch_size_train * nproc == 128
+    assert m.prompt == "a photo of" and data.text_processor.train.prompt == "a photo of "
+    header = open(path).read().split("\nmodel:")[0]
+    assert "10 epochs" in header and "128" in header
     overrides = dict(bert_model=tiny["bert"], opt_model=tiny["opt"], llm_precision="fp32", load_pretrained=False)
     torch.manual_seed(0)
     model = registry.get_model_class(ARCH).from_config(OmegaConf.merge(m, overrides), for_training=False)
