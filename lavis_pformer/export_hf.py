@@ -451,7 +451,7 @@ def language_part(model, image_token_id):
     return text_config, tensors, added
 
 
-def image_processor_config(model, run_cfg, preprocess, image_size):
+def image_processor_config(run_cfg, preprocess, image_size):
     """preprocessor_config.json for ``BlipImageProcessor`` with the LAVIS eval processor's settings."""
     from lavis.common.registry import registry
     from torchvision import transforms
@@ -651,10 +651,13 @@ def model_card(summary):
         "from PIL import Image",
         "from transformers import Blip2ForConditionalGeneration, Blip2Processor",
         "",
-        "processor = Blip2Processor.from_pretrained(FOLDER)",
+        "processor = Blip2Processor.from_pretrained(FOLDER)  # backend=\"pil\": LAVIS's exact resize",
         "model = Blip2ForConditionalGeneration.from_pretrained(FOLDER).eval()",
-        f"inputs = processor(images=Image.open(\"photo.jpg\"), text={summary['prompt']!r}, return_tensors=\"pt\")",
-        "print(processor.batch_decode(model.generate(**inputs), skip_special_tokens=True))",
+        f"inputs = processor(images=Image.open(\"photo.jpg\").convert(\"RGB\"), text={summary['prompt']!r}, "
+        "return_tensors=\"pt\")",
+        "ids = model.generate(**inputs, generation_config=model.generation_config)  # this folder's defaults",
+        "print(processor.batch_decode(ids[:, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"
+        if decoder_only else "print(processor.batch_decode(ids, skip_special_tokens=True))",
         "```",
         "",
         f"- Image: {summary['image_size']} px, bicubic resize, CLIP normalisation (the LAVIS eval processor, from "
@@ -757,7 +760,7 @@ def export(cfg_path, checkpoint, out_dir, options=(), dtype="fp32", max_shard_si
         files = write_weights(tmp, tensors, max_shard_bytes)
 
         image_size = vision_config["image_size"]
-        processor_cfg, processor_source = image_processor_config(model, run_cfg, preprocess, image_size)
+        processor_cfg, processor_source = image_processor_config(run_cfg, preprocess, image_size)
         write_json(os.path.join(tmp, "preprocessor_config.json"), processor_cfg)
         write_json(os.path.join(tmp, "processor_config.json"),
                    {"processor_class": "Blip2Processor", "num_query_tokens": num_query_tokens})

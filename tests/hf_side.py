@@ -6,8 +6,11 @@ For each exported folder in the spec: load it with Blip2ForConditionalGeneration
 compute what the spec asks on the LAVIS side's pixel tensors and texts (logits, greedy captions, VQA answers),
 and the processor's own pixel values for the spec's image files. Writes a dict of tensors / lists / strings.
 """
+import contextlib
 import copy
+import io
 import json
+import os
 import sys
 
 import torch
@@ -76,7 +79,20 @@ def run_job(job):
                 ids = ids[:, enc["input_ids"].shape[1]:]
             answers[str(beams)] = [a.strip() for a in processor.batch_decode(ids, skip_special_tokens=True)]
         out["answers"] = answers
+    if job.get("snippet_image"):
+        out["snippet_output"] = run_model_card_snippet(folder, job["snippet_image"])
     return out
+
+
+def run_model_card_snippet(folder, image):
+    """Run the README's python block as a reader would, on ``image``; returns what it prints."""
+    with open(os.path.join(folder, "README.md")) as f:
+        code = f.read().split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("FOLDER", repr(folder)).replace('"photo.jpg"', repr(image))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, os.path.join(folder, "README.md"), "exec"), {})
+    return printed.getvalue()
 
 
 def main():

@@ -11,6 +11,7 @@ question), the tiny BERT Q-Former, and an EVA-shaped ``custom_vit`` (2 blocks, m
 whose every weight is random, q/v biases and LayerNorms included. The stage-2 checkpoints carry their run config,
 as LAVIS's runner writes it, pointing at a stage-1 checkpoint (w1 = 10) and a P-Former checkpoint.
 """
+import ast
 import contextlib
 import copy
 import hashlib
@@ -227,6 +228,10 @@ def exported(tiny, hf_site, tmp_path_factory):
     pixels_path = os.path.join(root, "pixels.pt")
     torch.save(pixels, pixels_path)
 
+    snippet_image = os.path.join(root, "image32.png")  # at the model's size: both resize backends agree
+    Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(snippet_image)
+    snippet_pixels = lavis_processor(Image.open(snippet_image).convert("RGB")).unsqueeze(0)
+
     runs = {llm: make_run(root, llm, llm_dirs[llm], tiny["bert"], vit_path, seed=i) for i, llm in enumerate(("opt", "t5"))}
     folders = {llm: os.path.join(root, f"hf_{llm}") for llm in runs}
     # OPT through the command line (as documented), T5 in-process with small shards (index file path).
@@ -244,14 +249,18 @@ def exported(tiny, hf_site, tmp_path_factory):
     models, lavis = {}, {}
     for llm in runs:
         models[llm], lavis[llm] = lavis_reference(runs[llm], llm, pixels)
+        with torch.no_grad():  # what the model card's snippet should print: the model's caption, LAVIS's defaults
+            lavis[llm]["snippet_caption"] = models[llm].generate({"image": snippet_pixels}, num_beams=1, max_length=30,
+                                                                 min_length=1)[0].strip()
     jobs = {llm: {
         "folder": folders[llm], "pixels": pixels_path, "image": image_path,
         "logits_text": "a red circle left of a blue square\n" if llm == "opt" else "a red circle",
         "logits_labels": None if llm == "opt" else "left of a blue square",
         "caption_prompts": CAPTION_PROMPTS[llm], "max_new_tokens": MAX_NEW_TOKENS, "questions": QUESTIONS,
         "vqa_prompt": VQA_PROMPT, "vqa_beams": [1, 5], "vqa_max_len": VQA_MAX_LEN, "vqa_length_penalty": -1,
+        "snippet_image": snippet_image,
     } for llm in runs}
-    jobs["opt_bf16"] = dict(jobs["opt"], folder=folders["opt_bf16"], caption_prompts=[], vqa_beams=[])
+    jobs["opt_bf16"] = dict(jobs["opt"], folder=folders["opt_bf16"], caption_prompts=[], vqa_beams=[], snippet_image=None)
     hf = run_hf_side(hf_site, {"jobs": jobs}, root)
     summaries = {}
     for name, folder in folders.items():
@@ -306,6 +315,15 @@ def test_same_vqa_answers(exported, llm, beams):
     lavis, hf = exported["lavis"][llm]["answers"][beams], exported["hf"][llm]["answers"][beams]
     assert len(set(lavis)) >= 3, lavis  # the answers depend on the question
     assert hf == lavis
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_model_card_snippet_prints_the_lavis_caption(exported, llm):
+    """The README's few lines, run as written (default processor, the folder's generation_config)."""
+    printed = exported["hf"][llm]["snippet_output"].strip()
+    caption = exported["lavis"][llm]["snippet_caption"]
+    assert caption
+    assert [c.strip() for c in ast.literal_eval(printed)] == [caption], printed  # it prints a list of strings
 
 
 def test_image_processor_matches_lavis_eval_processor(exported):
@@ -421,9 +439,9 @@ def test_refuses_eval_processors_blip_image_processor_cannot_express():
         return OmegaConf.create({"datasets": {"coco_caption": {"vis_processor": {"eval": eval_cfg}}}})
 
     with pytest.raises(ExportError, match="Resize.*ToTensor.*Normalize only"):
-        image_processor_config(None, run_cfg({"name": "blip2_image_train", "image_size": 32}), None, 32)
+        image_processor_config(run_cfg({"name": "blip2_image_train", "image_size": 32}), None, 32)
     with pytest.raises(ExportError, match="resizes to 64 px but the model's ViT takes 32 px"):
-        image_processor_config(None, run_cfg({"name": "blip_image_eval", "image_size": 64}), None, 32)
+        image_processor_config(run_cfg({"name": "blip_image_eval", "image_size": 64}), None, 32)
 
 
 def test_cli_errors_are_one_clear_line(exported, tmp_path, capsys):
