@@ -284,7 +284,7 @@ def vision_part(model, vit_model_name):
         notes.append(
             f"LAVIS's ln_vision uses LayerNorm eps {ln_eps:g} and the ViT blocks {block_eps:g}; Blip2VisionConfig has "
             f"one layer_norm_eps, set to the blocks' {block_eps:g}, so HF's post_layernorm (= ln_vision) differs by "
-            "that eps only (as in the BLIP-2 checkpoints transformers converted itself)"
+            "that eps."
         )
     config = dict(
         model_type="blip_2_vision_model", hidden_size=dim, intermediate_size=widths.pop(), num_hidden_layers=len(blocks),
@@ -573,6 +573,13 @@ def dataset_summary(config):
     return out
 
 
+def dataset_text(dataset):
+    storage = dataset["storage"]
+    if isinstance(storage, dict):
+        storage = ", ".join(f"{k}: `{v}`" for k, v in storage.items())
+    return f"{dataset['name']} ({storage})"
+
+
 def pformer_info(path):
     info = {"path": path}
     if not path:
@@ -647,13 +654,15 @@ def model_card(summary):
         "",
         "## Use",
         "",
+        "Tested with transformers 5.25.0 (`FOLDER`: this folder's path, or its Hub id):",
+        "",
         "```python",
         "from PIL import Image",
         "from transformers import Blip2ForConditionalGeneration, Blip2Processor",
         "",
         "processor = Blip2Processor.from_pretrained(FOLDER)  # backend=\"pil\": LAVIS's exact resize",
         "model = Blip2ForConditionalGeneration.from_pretrained(FOLDER).eval()",
-        f"inputs = processor(images=Image.open(\"photo.jpg\").convert(\"RGB\"), text={summary['prompt']!r}, "
+        f"inputs = processor(images=Image.open(\"photo.jpg\").convert(\"RGB\"), text={json.dumps(summary['prompt'])}, "
         "return_tensors=\"pt\")",
         "ids = model.generate(**inputs, generation_config=model.generation_config)  # this folder's defaults",
         "print(processor.batch_decode(ids[:, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"
@@ -662,8 +671,8 @@ def model_card(summary):
         "",
         f"- Image: {summary['image_size']} px, bicubic resize, CLIP normalisation (the LAVIS eval processor, from "
         f"{summary['image_processor_source']}).",
-        f"- Prompt: the model was trained with prompt {summary['prompt']!r}; zero-shot VQA in LAVIS uses e.g. "
-        "`\"Question: {} Short answer:\"`" + (" (OPT) " if decoder_only else " (Flan-T5) ") + "with the question.",
+        f"- Prompt: the model's caption prompt is {json.dumps(summary['prompt'])}; for zero-shot VQA LAVIS passes "
+        "`\"Question: {} Short answer:\".format(question)` as the text.",
         f"- Generation stops at {summary['eos_note']}; `generation_config.json` sets max_new_tokens="
         f"{summary['max_new_tokens']} and greedy decoding.",
         "",
@@ -676,7 +685,7 @@ def model_card(summary):
         pformer = entry.get("pformer") or {}
         pf = "none (alignment_weight 0: BLIP-2 baseline)" if entry.get("alignment_weight") == 0 else (
             f"`{pformer.get('path')}` ({pformer.get('sha256') or pformer.get('note', 'unknown')})" if pformer else "-")
-        data = "; ".join(f"{d['name']}: {d['storage']}" for d in entry.get("datasets", [])) or "-"
+        data = "; ".join(dataset_text(d) for d in entry.get("datasets", [])) or "-"
         ckpt = f"`{entry.get('checkpoint')}`" + (f" (sha256 {entry['sha256']})" if entry.get("sha256") else "")
         if entry.get("note"):
             ckpt += f" — {entry['note']}"
@@ -699,7 +708,8 @@ def model_card(summary):
     ]
     if summary["added_vocab_rows"]:
         lines.append(f"- The LLM's vocabulary had no free row for `<image>`: {summary['added_vocab_rows']} zero row(s) "
-                     "added; their logits are suppressed in generation (`suppress_tokens`).")
+                     "added, which `generation_config.json` suppresses (`suppress_tokens`; pass "
+                     "`generation_config=model.generation_config` as above).")
     lines += [f"- {note}" for note in summary["notes"]]
     lines += [f"- Exported {summary['date']} with lavis-pformer {summary['lavis_pformer_version']}, "
               f"LAVIS {summary['lavis_version']}, torch {summary['torch_version']}.", ""]

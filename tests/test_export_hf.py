@@ -457,3 +457,19 @@ def test_cli_errors_are_one_clear_line(exported, tmp_path, capsys):
     assert main(["--cfg-path", str(stage1), "--checkpoint", run["stage1"], "--out", str(tmp_path / "o")]) == 2
     assert "not an image-to-text BLIP-2 with an LLM" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_exports_a_stock_lavis_checkpoint_under_the_plugin_arch(exported, tmp_path):
+    """A checkpoint written by stock LAVIS blip2_opt (same tensors) exports with the plugin's config."""
+    from lavis_pformer.export_hf import main
+
+    run = exported["runs"]["opt"]
+    checkpoint = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
+    stock = tmp_path / "stock.pth"
+    torch.save({"model": checkpoint["model"], "config": {"model": {"arch": "blip2_opt", "model_type": "pretrain_opt2.7b"},
+                                                         "run": {"task": "captioning"}}}, stock)
+    assert main(["--cfg-path", run["cfg"], "--checkpoint", str(stock), "--out", str(tmp_path / "hf")]) == 0
+    with open(tmp_path / "hf" / "export_provenance.json") as f:
+        provenance = json.load(f)["provenance"]
+    assert provenance[0]["arch"] == "blip2_opt" and provenance[0]["stage"] == "caption fine-tuning"
+    assert sorted(safetensors_names(tmp_path / "hf")) == sorted(safetensors_names(exported["folders"]["opt"]))
