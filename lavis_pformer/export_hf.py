@@ -22,9 +22,9 @@ an ``ExportError``: a ViT other than LAVIS's EVA ViT (``eva_clip_g``, ``custom_v
 ``Blip2QFormerModel`` lacks (relative position embeddings, cross-attention layers not at a fixed
 frequency), an eval image processor other than resize + normalise.
 
-The one approximation, shared with the BLIP-2 checkpoints that Hugging Face converted itself: LAVIS's
-``ln_vision`` uses LayerNorm eps 1e-5 while the EVA blocks use 1e-6, and ``Blip2VisionConfig`` has a single
-``layer_norm_eps``; the export takes the blocks' value (logged, and stated in the model card).
+The one approximation: LAVIS's ``ln_vision`` uses LayerNorm eps 1e-5 while the EVA blocks use 1e-6, and
+``Blip2VisionConfig`` has a single ``layer_norm_eps``; the export takes the blocks' value (logged, and stated in
+the model card; docs/export.md gives its measured effect).
 
 No transformers newer than LAVIS's is needed to export; the weights are written in the safetensors format
 by ``write_safetensors`` below (the format is a JSON header and the raw little-endian tensor bytes).
@@ -56,6 +56,7 @@ SAFETENSORS_DTYPES = {
 }
 # LAVIS's caption generation default (Blip2OPT / Blip2T5 ``generate(max_length=30)``: new tokens).
 DEFAULT_MAX_NEW_TOKENS = 30
+NOT_FOUND = "file not found at export time (paths are relative to the training working directory)"
 
 
 class ExportError(ValueError):
@@ -191,7 +192,8 @@ def model_class(arch, cfg_path):
 
 
 def build_lavis_model(cfg_path, checkpoint, options=()):
-    """(model, merged model config, run config) for ``checkpoint``, built as an evaluation run builds it."""
+    """(model, merged model config, run config, the model type's preprocess config) for ``checkpoint``, built as
+    an evaluation run builds it."""
     run_cfg = load_run_config(cfg_path, options)
     arch = run_cfg.model.arch
     cls = model_class(arch, cfg_path)
@@ -272,7 +274,8 @@ def vision_part(model, vit_model_name):
         eps.add(_layer_norm_eps(block.norm1, f"block {i} norm1"))
         eps.add(_layer_norm_eps(block.norm2, f"block {i} norm2"))
     if len(eps) > 1 or len(widths) > 1 or len(heads) > 1:
-        problems.append(f"blocks differ in LayerNorm eps {sorted(eps)}, MLP width {sorted(widths)} or heads {sorted(heads)}")
+        problems.append(f"blocks differ in LayerNorm eps {sorted(eps)}, MLP width {sorted(widths)} "
+                        f"or heads {sorted(heads)}")
     if problems:
         raise ExportError(
             f"the ViT ({vit_model_name}) has what transformers' Blip2VisionModel cannot express: " + "; ".join(problems)
@@ -466,7 +469,8 @@ def image_processor_config(run_cfg, preprocess, image_size):
     if proc_cfg is None and preprocess is not None and (preprocess.get("vis_processor") or {}).get("eval"):
         source, proc_cfg = "the model type's preprocess.vis_processor.eval", preprocess.vis_processor.eval
     if proc_cfg is None:
-        source, proc_cfg = "default (blip_image_eval)", OmegaConf.create({"name": "blip_image_eval", "image_size": image_size})
+        source = "default (blip_image_eval)"
+        proc_cfg = OmegaConf.create({"name": "blip_image_eval", "image_size": image_size})
     cls = registry.get_processor_class(proc_cfg.get("name"))
     if cls is None:
         raise ExportError(f"eval image processor '{proc_cfg.get('name')}' ({source}) is not a registered LAVIS processor")
@@ -585,7 +589,7 @@ def pformer_info(path):
     if not path:
         return None
     if not os.path.isfile(path):
-        info["note"] = "file not found at export time (paths are relative to the training working directory)"
+        info["note"] = NOT_FOUND
         logging.warning("P-Former checkpoint %s not found: the model card will lack its sha256", path)
         return info
     info["sha256"] = sha256_of(path)
@@ -624,8 +628,7 @@ def collect_provenance(checkpoint, run_cfg):
             break
         seen.add(previous)
         if not os.path.isfile(previous):
-            stages.append({"stage": "earlier", "checkpoint": previous,
-                           "note": "file not found at export time (paths are relative to the training working directory)"})
+            stages.append({"stage": "earlier", "checkpoint": previous, "note": NOT_FOUND})
             break
         path, config, source = previous, read_run_config(previous), "checkpoint"
         if config is None:
@@ -836,8 +839,10 @@ def main(argv=None):
         prog="python -m lavis_pformer.export_hf",
         description="Export a trained BLIP-2 (OPT / Flan-T5) to a transformers Blip2ForConditionalGeneration folder.",
     )
-    parser.add_argument("--cfg-path", required=True, help="the stage-2 or caption fine-tuning config the model was trained with")
-    parser.add_argument("--checkpoint", required=True, help="the run's checkpoint (checkpoint_N.pth / checkpoint_best.pth)")
+    parser.add_argument("--cfg-path", required=True,
+                        help="the stage-2 or caption fine-tuning config the model was trained with")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the run's checkpoint (checkpoint_N.pth / checkpoint_best.pth)")
     parser.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                         help="weights dtype (default fp32; Q-Former and query tokens stay fp32)")

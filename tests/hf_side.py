@@ -27,6 +27,7 @@ def run_job(job):
     tokenizer = processor.tokenizer
     pixels = torch.load(job["pixels"], weights_only=True)  # [1, 3, S, S], from LAVIS's eval processor
     image = Image.open(job["image"])
+    pil_processor = Blip2Processor.from_pretrained(folder, backend="pil")  # LAVIS resizes PIL images
     out = {
         "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
         "image_token_id": model.config.image_token_id,
@@ -34,7 +35,7 @@ def run_job(job):
         "num_query_tokens": processor.num_query_tokens,
         "image_processor": type(processor.image_processor).__name__,
         "pixels_default": processor(images=image, return_tensors="pt")["pixel_values"],
-        "pixels_pil": Blip2Processor.from_pretrained(folder, backend="pil")(images=image, return_tensors="pt")["pixel_values"],
+        "pixels_pil": pil_processor(images=image, return_tensors="pt")["pixel_values"],
         "dtype": str(next(model.language_model.parameters()).dtype),
     }
 

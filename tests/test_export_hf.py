@@ -70,7 +70,8 @@ def hf_site():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        pytest.fail(f"installing the transformers side failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"installing the transformers side failed: {' '.join(cmd)}\n"
+                    f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     with open(os.path.join(partial, ".complete"), "w") as f:
         f.write(f"installed from {HF_REQUIREMENTS} in {time.time() - start:.0f} s\n")
     shutil.rmtree(site, ignore_errors=True)
@@ -232,7 +233,8 @@ def exported(tiny, hf_site, tmp_path_factory):
     Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(snippet_image)
     snippet_pixels = lavis_processor(Image.open(snippet_image).convert("RGB")).unsqueeze(0)
 
-    runs = {llm: make_run(root, llm, llm_dirs[llm], tiny["bert"], vit_path, seed=i) for i, llm in enumerate(("opt", "t5"))}
+    runs = {llm: make_run(root, llm, llm_dirs[llm], tiny["bert"], vit_path, seed=i)
+            for i, llm in enumerate(("opt", "t5"))}
     folders = {llm: os.path.join(root, f"hf_{llm}") for llm in runs}
     # OPT through the command line (as documented), T5 in-process with small shards (index file path).
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
