@@ -525,7 +525,8 @@ def test_unreadable_image_in_a_dataloader_worker_is_a_short_message(tiny, teache
     DataLoader worker, ends the run with the image's message (without the worker's traceback) and status 2."""
     world = _corrupt_image(tiny, tmp_path, index=5)
     image = json.load(open(f"{world}/captions_train.json"))[5]["image"]
-    cfg = _with_world(stage2_config(tiny, teachers["opt"], "out", num_workers=1), world, check_images=False)
+    cfg = _with_world(stage2_config(tiny, teachers["opt"], "out", num_workers=1, batch_size_train=64), world,
+                      check_images=False)  # one batch of all 64 records: the first step reads the bad image
     proc = run_script("train.py", cfg, str(tmp_path), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

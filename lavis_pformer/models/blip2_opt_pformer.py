@@ -3,10 +3,13 @@
 ``loss_align = alignment_weight * MSE(opt_proj(query_output), P-Former prompt(caption))``; the trainable
 parameters are those of stock ``blip2_opt`` stage 2 (Q-Former, query tokens, ln_vision, opt_proj); the
 P-Former and OPT are frozen and neither is saved in ``state_dict()``. The checkpoint loads into stock
-LAVIS ``blip2_opt`` for evaluation.
+LAVIS ``blip2_opt`` for evaluation when ``cross_attention_freq`` is 2, the only value stock Blip2OPT builds.
 
-Stage 1 -> 2: a ``blip2_qformer_pformer`` checkpoint's ``llm_proj`` initialises ``opt_proj``; its
-stage-1-only tensors (ITC/ITM heads, the Q-Former's text-side layers) are dropped, as LAVIS does.
+Stage 1 -> 2: the Q-Former is built with ``cross_attention_freq`` (default 2, as LAVIS), which must be the
+value of the stage-1 checkpoint; a ``blip2_qformer_pformer`` checkpoint's ``llm_proj`` initialises
+``opt_proj``; its stage-1-only tensors (ITC/ITM heads, the Q-Former's text embeddings and text-side
+feed-forward layers) are dropped, as LAVIS does. Any other tensor without a place in the model, and a
+checkpoint aligned to another LLM (see :mod:`~lavis_pformer.models.stage_checkpoint`), is an error.
 
 Adds what LAVIS 1.0.2's Blip2OPT lacks for zero-shot VQA: ``predict_answers`` and ``apply_lemmatizer``.
 """

@@ -8,7 +8,8 @@ The P-Former teacher reads the whole caption (``text_input`` + " " + ``text_outp
 gives both).
 
 ``loss_align = alignment_weight * MSE(t5_proj(query_output), P-Former prompt(caption))``; T5 and the
-P-Former are frozen and not saved; the checkpoint loads into stock LAVIS ``blip2_t5``.
+P-Former are frozen and not saved; the checkpoint loads into stock LAVIS ``blip2_t5`` when
+``cross_attention_freq`` is 2 (the only value stock Blip2T5 builds). Stage 1 -> 2 as ``blip2_opt_pformer``.
 LAVIS casts T5 to bf16 in its constructor; ``llm_precision`` (default bf16, ``fp32`` on CPU) is applied
 afterwards.
 """

@@ -101,9 +101,9 @@ class StageCheckpointMixin:
                 "its Q-Former shape and its ViT are not checked against %s", path, type(self).__name__)
             return
         if not isinstance(meta, dict) or meta.get("format") != STAGE_FORMAT:
-            raise CheckpointError(
-                f"{path}: unknown checkpoint record (format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
-                f"expected {STAGE_FORMAT!r}); it was written by another version of lavis_pformer")
+            found = meta.get("format") if isinstance(meta, dict) else meta
+            raise CheckpointError(f"{path}: unknown checkpoint record (format {found!r}, expected {STAGE_FORMAT!r}); "
+                                  "it was written by another version of lavis_pformer")
         where = f"{path} (a {meta.get('arch')} checkpoint)"
         problems = self._qformer_problems(meta.get("qformer") or {})
         problems += self._llm_problems(meta)
@@ -118,7 +118,8 @@ class StageCheckpointMixin:
                  "cross_attention_freq": "set model.cross_attention_freq: {}",
                  "num_hidden_layers": "use the model.bert_model it was trained with ({} layers)",
                  "hidden_size": "use the model.bert_model it was trained with (width {})",
-                 "encoder_width": "its Q-Former reads features of width {}: set " + self.VISION_WIDTH_KEY + " as it was"}
+                 "encoder_width": "its Q-Former reads features of width {}: set " + self.VISION_WIDTH_KEY
+                                  + " as it was"}
         return [f"Q-Former {field}: the checkpoint has {theirs[field]}, this model {ours[field]}; "
                 + fixes[field].format(theirs[field])
                 for field in QFORMER_FIELDS if field in theirs and theirs[field] != ours[field]]
@@ -128,18 +129,20 @@ class StageCheckpointMixin:
         aligned, trained_with = meta.get("aligned_to"), meta.get("llm")
         ours = self.llm_record()
         key = f"model.{self.LLM_KEY}" if self.LLM_KEY else "the LLM"
-        if ours is not None and trained_with is not None and not _same_llm(trained_with["name"], trained_with["hidden_size"],
-                                                                        ours):
+        if ours is not None and trained_with is not None and not _same_llm(trained_with["name"],
+                                                                        trained_with["hidden_size"], ours):
             problems.append(
-                f"it was trained with the LLM {trained_with['name']!r} (width {trained_with['hidden_size']}), this model "
-                f"has {ours['name']!r} (width {ours['hidden_size']}): its prompt would feed another LLM; set "
-                f"{key}: {trained_with['name']}")
-        if ours is not None and aligned is not None and not _same_llm(aligned["llm_name"], aligned["llm_hidden_size"], ours):
+                f"it was trained with the LLM {trained_with['name']!r} (width {trained_with['hidden_size']}), "
+                f"this model has {ours['name']!r} (width {ours['hidden_size']}): its prompt would feed another "
+                f"LLM; set {key}: {trained_with['name']}")
+        if ours is not None and aligned is not None and not _same_llm(aligned["llm_name"],
+                                                                   aligned["llm_hidden_size"], ours):
             problems.append(
-                f"it was aligned to a P-Former of the LLM {aligned['llm_name']!r} (width {aligned['llm_hidden_size']}, "
-                f"Q={aligned['num_query_token']}, {aligned.get('pformer_checkpoint')}), this model's LLM is "
-                f"{ours['name']!r} (width {ours['hidden_size']}): its Q-Former learnt another LLM's prompt space. "
-                f"Start from a checkpoint aligned to a P-Former of {ours['name']!r}, or set {key}: {aligned['llm_name']}")
+                f"it was aligned to a P-Former of the LLM {aligned['llm_name']!r} (width "
+                f"{aligned['llm_hidden_size']}, Q={aligned['num_query_token']}, {aligned.get('pformer_checkpoint')}), "
+                f"this model's LLM is {ours['name']!r} (width {ours['hidden_size']}): its Q-Former learnt another "
+                f"LLM's prompt space. Start from a checkpoint aligned to a P-Former of {ours['name']!r}, or set "
+                f"{key}: {aligned['llm_name']}")
         teacher = getattr(self, "pformer_teacher", None)
         if teacher is not None and aligned is not None and ours is None and not _same_llm(
                 aligned["llm_name"], aligned["llm_hidden_size"],
@@ -155,7 +158,8 @@ class StageCheckpointMixin:
             return []
         if theirs["vit_model"] != ours["vit_model"]:
             return [f"it was trained with model.vit_model {theirs['vit_model']}, this model has {ours['vit_model']}"]
-        if not theirs.get("fingerprint") or theirs["fingerprint"] == getattr(self, "_vit_origin", {}).get("fingerprint"):
+        own_fingerprint = getattr(self, "_vit_origin", {}).get("fingerprint")
+        if not theirs.get("fingerprint") or theirs["fingerprint"] == own_fingerprint:
             return []
         if carried:
             if not ours["checkpoint"]:
