@@ -104,6 +104,28 @@ def sentencepiece_conversion_errors():
         ) from None
 
 
+# What transformers says when a backbone name is neither a local folder nor a model it can fetch.
+_HUB_LOAD_ERRORS = ("Can't load", "We couldn't connect", "is not a local folder and is not a valid model identifier",
+                    "does not appear to have a file named", "Incorrect path_or_model_id")
+BACKBONE_KEYS = ("bert_model", "opt_model", "t5_model")
+
+
+@contextlib.contextmanager
+def hub_load_errors(cfg):
+    """A MissingFileError naming the backbone keys of ``cfg`` when transformers cannot load one of them."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, MissingFileError) or not any(m in str(e) for m in _HUB_LOAD_ERRORS):
+            raise
+        named = ", ".join(f"model.{k}={cfg.get(k)!r}" for k in BACKBONE_KEYS if cfg.get(k) is not None)
+        raise MissingFileError(
+            f"a backbone of the model config cannot be loaded ({named}): {str(e).splitlines()[0]} Give an existing "
+            "local folder or a hub name; offline (HF_HUB_OFFLINE=1) only local folders and models already in the "
+            "cache load."
+        ) from None
+
+
 def read_checkpoint(path, what="checkpoint"):
     """``torch.load(weights_only=True)`` of a local file, with errors that name the file."""
     if not os.path.isfile(path):

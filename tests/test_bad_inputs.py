@@ -402,6 +402,10 @@ BAD_RUNS = {
                                                                     bert_model="output/tiny/backbones/bret"),
                               lambda d: [], ["model.bert_model: 'output/tiny/backbones/bret' is neither",
                                              "python -m lavis_pformer.tiny --out output/tiny"]),
+    "hub_name_not_found": ("train", lambda t, te, s1, d: _model(stage0_config(t, "out"),
+                                                                 bert_model="no-such-org/no-such-bert"), lambda d: [],
+                           ["(missing file)", "model.bert_model='no-such-org/no-such-bert'", "Can't load tokenizer",
+                            "HF_HUB_OFFLINE"]),
     "cuda_without_gpu": ("train", lambda t, te, s1, d: stage0_config(t, "out"), lambda d: ["run.device=cuda"],
                          ["(setup)", "run.device is 'cuda' but this machine has no usable GPU", "run.device=cpu"]),
     # --- data

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 
-import pytest
 import torch
 
 from conftest import only_run_dir, run_script

@@ -22,7 +22,7 @@ import torch
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_bool
 from lavis_pformer.errors import CheckpointError, ConfigError
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
@@ -179,13 +179,14 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
         llm_precision (fp16), alignment_weight (default 100), pformer_checkpoint, apply_lemmatizer,
         load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
         """
-        model = cls(
-            opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
-            prompt=cfg.get("prompt", "") or "",
-            llm_precision=cfg.get("llm_precision", "fp16"),
-            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-            **lavis_vit_qformer_kwargs(cfg),
-            **plugin_kwargs(cls, cfg, for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
+                prompt=cfg.get("prompt", "") or "",
+                llm_precision=cfg.get("llm_precision", "fp16"),
+                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+                **lavis_vit_qformer_kwargs(cfg),
+                **plugin_kwargs(cls, cfg, for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         return model

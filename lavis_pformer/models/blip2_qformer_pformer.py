@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_bool, as_float, as_int
 from lavis_pformer.errors import ConfigError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
@@ -133,12 +133,13 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
         alignment_weight (default 10), pformer_checkpoint, llm_hidden_size, llm_name (both optional: checked
         against the P-Former checkpoint when given), load_pretrained / pretrained, load_finetuned / finetuned.
         """
-        model = cls(
-            embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
-            llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
-            llm_name=optional_str(cfg, "llm_name"),
-            **lavis_vit_qformer_kwargs(cfg),
-            **plugin_kwargs(cls, cfg, for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
+                llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
+                llm_name=optional_str(cfg, "llm_name"),
+                **lavis_vit_qformer_kwargs(cfg),
+                **plugin_kwargs(cls, cfg, for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -19,7 +19,7 @@ import random
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
-from lavis_pformer.backbones import BackboneMixin, sentencepiece_conversion_errors
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors, sentencepiece_conversion_errors
 from lavis_pformer.config_checks import as_bool
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
 from lavis_pformer.models.blip2_opt_pformer import Stage2Mixin
@@ -99,13 +99,14 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         vit_config, llm_precision (bf16), alignment_weight (default 100), pformer_checkpoint,
         load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
         """
-        model = cls(
-            t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
-            prompt=cfg.get("prompt", "") or "",
-            llm_precision=cfg.get("llm_precision", "bf16"),
-            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-            **lavis_vit_qformer_kwargs(cfg),
-            **plugin_kwargs(cls, cfg, for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
+                prompt=cfg.get("prompt", "") or "",
+                llm_precision=cfg.get("llm_precision", "bf16"),
+                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+                **lavis_vit_qformer_kwargs(cfg),
+                **plugin_kwargs(cls, cfg, for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         return model

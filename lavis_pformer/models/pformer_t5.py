@@ -13,7 +13,7 @@ from transformers import T5Config, T5TokenizerFast
 from lavis.common.registry import registry
 from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 
-from lavis_pformer.backbones import sentencepiece_conversion_errors
+from lavis_pformer.backbones import hub_load_errors, sentencepiece_conversion_errors
 from lavis_pformer.config_checks import as_float
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR, PFormerPretrain
 from lavis_pformer.paths import resolve_model_path
@@ -91,11 +91,12 @@ class PFormerT5(PFormerPretrain):
 
     @classmethod
     def from_config(cls, cfg):
-        model = cls(
-            t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
-            llm_precision=cfg.get("llm_precision", "bf16"),
-            mask_prob=as_float(cfg, "mask_prob", 0.0, minimum=0),
-            vq_weight=as_float(cfg, "vq_weight", 0.0, minimum=0),
-            **cls.common_kwargs(cfg),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
+                llm_precision=cfg.get("llm_precision", "bf16"),
+                mask_prob=as_float(cfg, "mask_prob", 0.0, minimum=0),
+                vq_weight=as_float(cfg, "vq_weight", 0.0, minimum=0),
+                **cls.common_kwargs(cfg),
+            )
         return model.finish_from_config(cfg)

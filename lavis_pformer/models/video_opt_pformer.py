@@ -43,7 +43,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.backbones import DTYPES, BackboneMixin
+from lavis_pformer.backbones import DTYPES, BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_float, as_int
 from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
@@ -238,21 +238,22 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
         opt_model, llm_precision (fp16), prompt (""), max_txt_len (32), lm_weight (1), alignment_weight (100),
         pformer_checkpoint, load_pretrained / pretrained, load_finetuned / finetuned.
         """
-        model = cls(
-            bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
-            num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
-            cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
-            feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
-            max_clips=as_int(cfg, "max_clips", 32, minimum=1),
-            opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
-            llm_precision=cfg.get("llm_precision", "fp16"),
-            prompt=optional_str(cfg, "prompt") or "",
-            max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
-            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-            alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
-            pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
-            for_training=bool(for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
+                num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
+                cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
+                feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
+                max_clips=as_int(cfg, "max_clips", 32, minimum=1),
+                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
+                llm_precision=cfg.get("llm_precision", "fp16"),
+                prompt=optional_str(cfg, "prompt") or "",
+                max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
+                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+                alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
+                pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
+                for_training=bool(for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         logging.info("%s: %d trainable parameters", cls.__name__,
                      sum(p.numel() for p in model.parameters() if p.requires_grad))
