@@ -1,5 +1,9 @@
-"""Evaluate with LAVIS's tasks: ``python evaluate.py --cfg-path projects/pformer/eval/<eval>.yaml``."""
-from lavis_pformer.cli import evaluate
+"""Evaluate with LAVIS's tasks: ``python evaluate.py --cfg-path projects/pformer/eval/<eval>.yaml``.
+
+A mistake in the config, the data or a checkpoint ends with a short message and exit status 2 (``--debug``
+shows its traceback); internal errors end with a traceback.
+"""
+from lavis_pformer.cli import main
 
 if __name__ == "__main__":
-    evaluate()
+    main("evaluate")

@@ -16,6 +16,8 @@ setup(
         "scikit-image<0.25",
         "transformers>=4.25,<4.27",
         "sentencepiece",
+        # transformers 4.26's sentencepiece conversion (T5 without tokenizer.json) needs protobuf 3.
+        "protobuf<4",
         "tokenizers",
     ],
     extras_require={"test": ["pytest"]},

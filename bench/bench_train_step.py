@@ -50,7 +50,8 @@ def build_pair(stage, sizes, teacher):
     assert ours.pformer_teacher is not None and ours.alignment_weight == spec["weight"]
     torch.manual_seed(1)
     stock = C.stock_model(lavis_cls, sizes, visual_encoder=ours.visual_encoder, **extra)
-    msg = stock.load_state_dict(ours.state_dict(), strict=False)
+    weights = {k: v for k, v in ours.state_dict().items() if k != "_extra_state"}  # not the plugin's stage record
+    msg = stock.load_state_dict(weights, strict=False)
     if stage == "2":
         stock.opt_model = ours.opt_model  # the same frozen LLM object (one copy in memory)
         assert not msg.unexpected_keys, msg.unexpected_keys

@@ -2,11 +2,17 @@
 
 Also imports LAVIS's runners and lr schedulers, which ``import lavis`` alone does not register.
 """
-import lavis  # noqa: F401
-import lavis.common.optims  # noqa: F401  (lr schedulers)
-import lavis.runners  # noqa: F401  (runner_base, runner_iter)
+import warnings
 
-from lavis_pformer import runtime  # noqa: F401  (runner_pformer, CPU/gloo shims)
-from lavis_pformer import datasets, models, tasks  # noqa: F401
+# Deprecation notices that LAVIS's dependencies (fairscale, timm) raise while LAVIS is imported; nothing a
+# user of this package can act on, and they would open every train.py / evaluate.py output.
+warnings.filterwarnings("ignore", message=r"`torch\.(jit\.script|cuda\.amp\.custom_(fwd|bwd))", category=FutureWarning)
+
+import lavis  # noqa: E402,F401
+import lavis.common.optims  # noqa: E402,F401  (lr schedulers)
+import lavis.runners  # noqa: E402,F401  (runner_base, runner_iter)
+
+from lavis_pformer import runtime  # noqa: E402,F401  (runner_pformer, CPU/gloo shims)
+from lavis_pformer import datasets, models, tasks  # noqa: E402,F401
 
 __version__ = "0.1.0"

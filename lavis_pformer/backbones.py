@@ -5,15 +5,23 @@ knows ``eva_clip_g`` / ``clip_L`` in ``init_vision_encoder``. ``BackboneMixin`` 
 methods (LAVIS's constructors call them on ``self``) so that the plugin's models honour:
 
 - ``bert_model``: hub name or directory for the BERT tokenizer and the Q-Former's config/initial weights;
+- ``cross_attention_freq``: the Q-Former's cross-attention every N-th layer, also in stage 2 (LAVIS's
+  Blip2OPT / Blip2T5 always build it with 2);
 - ``vit_model``: ``eva_clip_g`` / ``clip_L`` (LAVIS's own code) or ``custom_vit``, a ViT whose size is
   given by ``vit_config`` (patch_size, embed_dim, depth, num_heads, mlp_ratio, checkpoint);
 - ``llm_precision``: dtype of the frozen LLM (``fp16`` as LAVIS; ``bf16``; ``fp32`` for CPU runs);
 
 and loads checkpoints safely: ``torch.load(weights_only=True)``, ``load_pretrained: False`` to start
-from the backbones alone, and missing / unexpected keys reported at WARNING level.
+from the backbones alone. A checkpoint tensor that has no place in the model (beyond the stage-1-only
+heads a subclass's ``adapt_state_dict`` drops, as LAVIS does) is an error that names the config key to
+fix, never a warning: loading must not silently drop trained weights. Missing trainable tensors are a
+WARNING when starting from an earlier stage (they start anew) and an error for ``finetuned``.
 """
+import contextlib
+import hashlib
 import logging
 import os
+import re
 from functools import partial
 
 import torch
@@ -24,6 +32,8 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer
 from transformers import BertTokenizer
+
+from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError, SetupError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -45,7 +55,7 @@ def custom_vit(img_size, vit_config, drop_path_rate=0.0, use_grad_checkpoint=Fal
     allowed = {"patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"}
     unknown = set(cfg) - allowed
     if unknown:
-        raise ValueError(f"model.vit_config has unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'checkpoint'})}")
+        raise ConfigError(f"model.vit_config has unknown keys {sorted(unknown)}; allowed: {sorted(allowed | {'checkpoint'})}")
     vit = VisionTransformer(
         img_size=img_size, patch_size=cfg.get("patch_size", 16), embed_dim=cfg.get("embed_dim", 768),
         depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", 12), mlp_ratio=cfg.get("mlp_ratio", 4.0),
@@ -54,18 +64,76 @@ def custom_vit(img_size, vit_config, drop_path_rate=0.0, use_grad_checkpoint=Fal
     )
     if checkpoint:
         state = load_state_dict_file(checkpoint, what="custom_vit weights (model.vit_config.checkpoint)")
-        vit.load_state_dict(state, strict=True)
+        try:
+            vit.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"model.vit_config.checkpoint {checkpoint} does not fit the ViT that model.vit_config and "
+                f"model.image_size describe ({vit_config}, image_size {img_size}): {str(e).splitlines()[-1].strip()}. "
+                "Set vit_config (patch_size, embed_dim, depth, num_heads, mlp_ratio) to the sizes the file was saved with."
+            ) from None
     return vit
+
+
+def weights_fingerprint(module):
+    """sha256 of a module's tensors (names, shapes, dtypes, values): the identity of a frozen ViT."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def sentencepiece_conversion_errors():
+    """A clear SetupError when transformers 4.26 cannot convert a sentencepiece tokenizer (a T5 folder
+    without tokenizer.json) because the installed protobuf is too new for its generated code."""
+    try:
+        yield
+    except TypeError as e:
+        if "Descriptors cannot be created directly" not in str(e):
+            raise
+        import google.protobuf
+
+        raise SetupError(
+            f"protobuf {google.protobuf.__version__} is too new for the sentencepiece tokenizer conversion of "
+            "transformers 4.26 (needed for a T5 tokenizer folder without tokenizer.json): install the verified "
+            "versions with `make install` (requirements-verified.txt pins protobuf==3.20.3), or "
+            "`pip install protobuf==3.20.3`"
+        ) from None
+
+
+# What transformers says when a backbone name is neither a local folder nor a model it can fetch.
+_HUB_LOAD_ERRORS = ("Can't load", "We couldn't connect", "is not a local folder and is not a valid model identifier",
+                    "does not appear to have a file named", "Incorrect path_or_model_id")
+BACKBONE_KEYS = ("bert_model", "opt_model", "t5_model")
+
+
+@contextlib.contextmanager
+def hub_load_errors(cfg):
+    """A MissingFileError naming the backbone keys of ``cfg`` when transformers cannot load one of them."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, MissingFileError) or not any(m in str(e) for m in _HUB_LOAD_ERRORS):
+            raise
+        named = ", ".join(f"model.{k}={cfg.get(k)!r}" for k in BACKBONE_KEYS if cfg.get(k) is not None)
+        raise MissingFileError(
+            f"a backbone of the model config cannot be loaded ({named}): {str(e).splitlines()[0]} Give an existing "
+            "local folder or a hub name; offline (HF_HUB_OFFLINE=1) only local folders and models already in the "
+            "cache load."
+        ) from None
 
 
 def read_checkpoint(path, what="checkpoint"):
     """``torch.load(weights_only=True)`` of a local file, with errors that name the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: no file at {path}; check the path in the config or --options")
+        raise MissingFileError(f"{what}: no file at {path} (cwd {os.getcwd()}); check the path in the config or --options")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, pickles with code, not a torch file at all
-        raise ValueError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
+        raise CheckpointError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
 
 
 def load_state_dict_file(path, what="checkpoint"):
@@ -74,7 +142,7 @@ def load_state_dict_file(path, what="checkpoint"):
     if isinstance(checkpoint, dict) and "model" in checkpoint:
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{what}: {path} does not hold a state dict")
+        raise CheckpointError(f"{what}: {path} does not hold a state dict")
     return checkpoint
 
 
@@ -90,16 +158,37 @@ def _drop_non_checkpoint_keys(module, state_dict, prefix, local_metadata):
         del state_dict[key]
 
 
+# Q-Former tensors of a cross-attention block: "<...>.encoder.layer.<i>.crossattention.<...>"
+_CROSS_ATTENTION = re.compile(r"^(?:.*\.)?encoder\.layer\.(\d+)\.crossattention\.")
+_LAYER = re.compile(r"^(?:.*\.)?Qformer\.bert\.encoder\.layer\.(\d+)\.")
+EXTRA_STATE_KEY = "_extra_state"  # where nn.Module.state_dict puts get_extra_state() of the top module
+
+
+def cross_attention_layers(keys):
+    """Indices of the Q-Former layers that have cross-attention tensors among ``keys``."""
+    return sorted({int(m.group(1)) for k in keys for m in [_CROSS_ATTENTION.match(k)] if m})
+
+
+def cross_attention_freq_of(layers, num_layers):
+    """The ``cross_attention_freq`` (LAVIS: layer i has cross-attention iff i % freq == 0) that gives
+    ``layers`` in a Q-Former of ``num_layers`` layers, or None if no frequency does."""
+    for freq in range(1, max(num_layers, 1) + 1):
+        if [i for i in range(num_layers) if i % freq == 0] == list(layers):
+            return freq
+    return None
+
+
 class BackboneMixin:
     """Put before the LAVIS class: ``class Blip2OPTPFormer(BackboneMixin, Blip2OPT)``.
 
     Call ``self.set_backbones(...)`` before the LAVIS constructor runs.
     """
 
-    def set_backbones(self, bert_model="bert-base-uncased", vit_config=None):
+    def set_backbones(self, bert_model="bert-base-uncased", vit_config=None, cross_attention_freq=None):
         # Plain attributes set before nn.Module.__init__ (LAVIS's __init__ reads them via the overrides).
         object.__setattr__(self, "bert_model", bert_model)
         object.__setattr__(self, "vit_config", dict(vit_config or {}))
+        object.__setattr__(self, "_cross_attention_freq", cross_attention_freq)
 
     def exclude_from_checkpoint(self, *prefixes):
         """Never put these submodules (frozen LLM, P-Former teacher) into ``state_dict()``.
@@ -113,7 +202,8 @@ class BackboneMixin:
         self._non_checkpoint_prefixes += tuple(prefixes)
 
     def _not_in_checkpoint(self, key):
-        return key.startswith(getattr(self, "_non_checkpoint_prefixes", ())) or key in {
+        """Keys a checkpoint may lack: frozen backbones, excluded modules, and the metadata (older checkpoints)."""
+        return key == EXTRA_STATE_KEY or key.startswith(getattr(self, "_non_checkpoint_prefixes", ())) or key in {
             n for n, p in self.named_parameters() if not p.requires_grad
         }
 
@@ -133,7 +223,11 @@ class BackboneMixin:
     def init_tokenizer(self):
         return bert_tokenizer(self.bert_model)
 
-    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=None):
+        """LAVIS's Q-Former from ``bert_model``; ``cross_attention_freq``: the caller's (Blip2Qformer passes its
+        own), else the model's ``cross_attention_freq`` key (Blip2OPT / Blip2T5 pass none), else 2."""
+        if cross_attention_freq is None:
+            cross_attention_freq = getattr(self, "_cross_attention_freq", None) or 2
         config = BertConfig.from_pretrained(self.bert_model)
         config.encoder_width = vision_width
         config.add_cross_attention = True
@@ -145,11 +239,15 @@ class BackboneMixin:
         return qformer, query_tokens
 
     def init_vision_encoder(self, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
+        # Where the ViT's weights come from: LAVIS's pretrained ones, a file, or a random initialisation.
+        self._vit_origin = {"vit_model": model_name, "checkpoint": None, "fingerprint": None}
         if model_name != "custom_vit":
             if model_name not in ("eva_clip_g", "clip_L"):
-                raise ValueError(f"unknown model.vit_model '{model_name}': use eva_clip_g, clip_L or custom_vit")
+                raise ConfigError(f"unknown model.vit_model '{model_name}': use eva_clip_g, clip_L or custom_vit")
             return Blip2Base.init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
         vit = custom_vit(img_size, self.vit_config, drop_path_rate, use_grad_checkpoint)
+        self._vit_origin["checkpoint"] = self.vit_config.get("checkpoint") or None
+        self._vit_origin["fingerprint"] = weights_fingerprint(vit)  # as built, before any precision cast
         if precision == "fp16":
             vit = vit.half()
         return vit, LayerNorm(vit.num_features)
@@ -158,7 +256,7 @@ class BackboneMixin:
     def cast_llm(llm, precision):
         """Cast the frozen LLM to ``llm_precision`` (LAVIS loads OPT in fp16 and T5 in bf16)."""
         if precision not in DTYPES:
-            raise ValueError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{precision}'")
+            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{precision}'")
         return llm.to(DTYPES[precision])
 
     def load_checkpoint_from_config(self, cfg, **kwargs):
@@ -166,12 +264,12 @@ class BackboneMixin:
         if cfg.get("load_finetuned", False):
             path = cfg.get("finetuned")
             if not path:
-                raise ValueError("model.load_finetuned is True but model.finetuned is empty; give a checkpoint path")
+                raise ConfigError("model.load_finetuned is True but model.finetuned is empty; give a checkpoint path")
             return self.load_checkpoint(path, require_complete=True)
         if cfg.get("load_pretrained", True):
             path = cfg.get("pretrained")
             if not path:
-                raise ValueError(
+                raise ConfigError(
                     "model.pretrained is empty; give the previous stage's checkpoint "
                     "(--options model.pretrained=path/checkpoint_N.pth) or set model.load_pretrained=False "
                     "to start from the backbones alone"
@@ -184,7 +282,8 @@ class BackboneMixin:
 
     def load_checkpoint(self, url_or_filename, require_complete=False):
         """Load weights; ``require_complete`` (``finetuned`` checkpoints, evaluation) makes any missing
-        trainable tensor an error instead of a warning."""
+        trainable tensor an error instead of a warning. A tensor of the checkpoint that the model has no
+        place for (after ``adapt_state_dict``) is always an error: it would be trained work thrown away."""
         if is_url(url_or_filename):
             from lavis.common.dist_utils import download_cached_file
 
@@ -194,24 +293,78 @@ class BackboneMixin:
             self.check_checkpoint_arch(url_or_filename, checkpoint_arch(checkpoint))
         state_dict = checkpoint["model"] if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
         if not isinstance(state_dict, dict):
-            raise ValueError(f"model checkpoint: {url_or_filename} does not hold a state dict")
+            raise CheckpointError(f"model checkpoint: {url_or_filename} does not hold a state dict")
+        state_dict = dict(state_dict)
+        meta = state_dict.pop(EXTRA_STATE_KEY, None)
+        self.check_checkpoint_meta(meta, url_or_filename, "finetuned" if require_complete else "pretrained")
         state_dict = self.adapt_state_dict(state_dict)
-        msg = self.load_state_dict(state_dict, strict=False)
+        try:
+            msg = self.load_state_dict(state_dict, strict=False)
+        except RuntimeError as e:  # size mismatches (raised by torch even with strict=False)
+            mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            if not mismatches:
+                raise
+            raise CheckpointError(
+                f"{url_or_filename} holds tensors of other shapes than {type(self).__name__} ({len(mismatches)}, e.g. "
+                f"{mismatches[0]}): it was trained with another configuration (model.bert_model, "
+                "model.num_query_token, model.vit_model / vit_config / image_size, or the LLM); use the values of the "
+                "run that wrote it."
+            ) from None
         missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
+        self._refuse_dropped_tensors(url_or_filename, state_dict, msg.unexpected_keys, missing)
         if missing and require_complete:
-            raise ValueError(
+            raise CheckpointError(
                 f"{url_or_filename} lacks {len(missing)} tensors that {type(self).__name__} needs (e.g. {missing[:3]}): "
                 "it is not a checkpoint of this model (e.g. a stage-1 or stage-0 checkpoint given for a stage-2 "
                 "model); give the checkpoint of a stage-2 or caption fine-tuning run as model.finetuned"
             )
         if missing:
-            logging.warning("%s: %d trainable tensors not in the checkpoint: %s", url_or_filename, len(missing), missing)
-        if msg.unexpected_keys:
-            logging.warning(
-                "%s: %d unexpected tensors ignored: %s", url_or_filename, len(msg.unexpected_keys), msg.unexpected_keys
-            )
+            logging.warning("%s: %d trainable tensors not in the checkpoint (they start from their initialisation): "
+                            "%s", url_or_filename, len(missing), missing)
+        self.apply_checkpoint_meta(meta)
         logging.info("loaded checkpoint %s (%d tensors)", url_or_filename, len(state_dict))
         return msg
+
+    def _refuse_dropped_tensors(self, path, state_dict, unexpected, missing):
+        """A CheckpointError, naming the config key to fix, if trained tensors would be dropped."""
+        if not unexpected and not cross_attention_layers(missing):
+            return
+        name = type(self).__name__
+        problems = []
+        dropped_xattn = [k for k in unexpected if _CROSS_ATTENTION.match(k)]
+        if dropped_xattn or cross_attention_layers(missing):
+            theirs = cross_attention_layers(state_dict)
+            ours = cross_attention_layers(k for k, _ in self.named_parameters())
+            layers = [int(m.group(1)) for k in state_dict for m in [_LAYER.match(k)] if m]
+            freq = cross_attention_freq_of(theirs, max(layers) + 1 if layers else 0)
+            own = getattr(getattr(getattr(self, "Qformer", None), "config", None), "cross_attention_freq", "?")
+            fix = (f"Set model.cross_attention_freq: {freq}, the value the checkpoint was trained with."
+                   if freq else "Use the model.cross_attention_freq and model.bert_model it was trained with.")
+            losses = [f"{len(dropped_xattn)} trained tensors would be dropped"] if dropped_xattn else []
+            untrained = cross_attention_layers(missing)
+            if untrained:
+                losses.append(f"{len(untrained)} layer(s) would start with untrained cross-attention")
+            problems.append(
+                f"the checkpoint's Q-Former has cross-attention in layers {theirs} but this model (model."
+                f"cross_attention_freq: {own}) builds it in layers {ours}: {' and '.join(losses)}. {fix}"
+            )
+        other = [k for k in unexpected if not _CROSS_ATTENTION.match(k)]
+        if other:
+            problems.append(
+                f"{len(other)} tensors have no place in {name} and would be dropped (e.g. {other[:4]}): it is a "
+                "checkpoint of another model, or of a differently sized configuration (model.bert_model, "
+                "model.num_query_token); give a checkpoint of this model or of its previous stage."
+            )
+        raise CheckpointError(f"{path} does not fit {name}: " + " Also: ".join(problems))
+
+    # --- checkpoint metadata: StageCheckpointMixin (stages 1, 2, video) implements these -------------------
+
+    def check_checkpoint_meta(self, meta, path, role):
+        """Refuse a checkpoint whose recorded metadata does not fit this model (``role``: "pretrained",
+        "finetuned" or "resume")."""
+
+    def apply_checkpoint_meta(self, meta):
+        """After loading: take over what the metadata carries (e.g. a ViT that came from no file)."""
 
     # Archs whose checkpoints this model can evaluate as-is (besides its own), e.g. stock "blip2_opt".
     compatible_archs = ()
@@ -222,7 +375,7 @@ class BackboneMixin:
 
         own = {name for name, cls in registry.mapping["model_name_mapping"].items() if cls is type(self)}
         if arch is not None and arch not in own | set(self.compatible_archs):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was written by a '{arch}' run, so it is not a checkpoint of this model "
                 f"({', '.join(sorted(own))}); give model.finetuned the checkpoint of a "
                 f"{' / '.join(sorted(own | set(self.compatible_archs)))} run (stage 2 or caption fine-tuning)"

@@ -13,10 +13,12 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
+from lavis_pformer.errors import DataError, SetupError
+
 
 def require_java():
     if shutil.which("java") is None:
-        raise RuntimeError(
+        raise SetupError(
             "caption metrics need a Java runtime (pycocoevalcap's PTB tokenizer and METEOR are Java): "
             "install one (e.g. `apt-get install default-jre-headless`) or set run.report_metric=False"
         )
@@ -33,7 +35,7 @@ def caption_metrics(gt_file, result_file, spice=False):
     results = gt.loadRes(result_file)
     missing = sorted(set(gt.getImgIds()) - set(results.getImgIds()))
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{result_file} has no caption for {len(missing)} of the {len(gt.getImgIds())} images in {gt_file} "
             f"(e.g. image_id {missing[:5]}): evaluate the whole split"
         )

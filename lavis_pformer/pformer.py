@@ -12,6 +12,9 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from lavis_pformer.errors import CheckpointError
+from lavis_pformer.paths import same_model_name
+
 CHECKPOINT_FORMAT = "lavis_pformer/pformer-v1"
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
@@ -22,7 +25,7 @@ _HOW_TO_GET_ONE = (
 _META_KEYS = ("num_query_token", "llm_name", "llm_hidden_size", "embed_dim", "bert_model", "bert_config")
 
 
-class PFormerCheckpointError(ValueError):
+class PFormerCheckpointError(CheckpointError):
     """A P-Former checkpoint is missing, unreadable or does not match what the model expects."""
 
 
@@ -190,7 +193,8 @@ def _check_format(path: str, ckpt) -> None:
 def _check_expected(path: str, meta: dict, **expected) -> None:
     problems = []
     for key, want in expected.items():
-        if want is not None and meta[key] != want:
+        same = same_model_name(meta[key], want) if key == "llm_name" else meta[key] == want
+        if want is not None and not same:
             problems.append(f"{key}: the checkpoint has {meta[key]!r}, the model expects {want!r}")
     if problems:
         raise PFormerCheckpointError(

@@ -42,6 +42,8 @@ from lavis.common.utils import is_url
 from lavis.datasets.datasets.dataloader_utils import IterLoader
 from lavis.runners.runner_base import RunnerBase
 
+from lavis_pformer.errors import MissingFileError, OutputFolderError, ResumeError, SetupError
+
 RNG_SUFFIX = ".rng.pth"
 RNG_FORMAT = "lavis_pformer/rng-v1"
 
@@ -79,7 +81,7 @@ def init_distributed(run_cfg):
     """
     device = str(run_cfg.get("device", "cuda"))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise SetupError(
             "run.device is 'cuda' but this machine has no usable GPU; "
             "add `--options run.device=cpu` (and run.amp=False) to run on the CPU."
         )
@@ -138,9 +140,9 @@ def make_output_dir(path):
             blocker = os.path.dirname(blocker)
         why = f"{blocker} is a file, not a folder" if os.path.exists(blocker) and not os.path.isdir(blocker) \
             else e.strerror
-        raise PermissionError(f"cannot create the output folder {path} ({why}); {fix}") from e
+        raise OutputFolderError(f"cannot create the output folder {path} ({why}); {fix}") from e
     if not os.access(path, os.W_OK):
-        raise PermissionError(f"the output folder {path} is not writable; {fix}")
+        raise OutputFolderError(f"the output folder {path} is not writable; {fix}")
 
 
 class _NoPrefetch:
@@ -235,7 +237,7 @@ class RunnerPFormer(RunnerBase):
         try:
             super()._load_checkpoint(url_or_filename)
         except (RuntimeError, KeyError, ValueError) as e:  # strict model load, optimizer groups, missing entries
-            raise RuntimeError(
+            raise ResumeError(
                 f"run.resume_ckpt_path: cannot resume from {url_or_filename} ({type(e).__name__}: {e}). Resume "
                 "with the checkpoint_last.pth of a run of this same model and config."
             ) from e
@@ -292,9 +294,9 @@ def _check_resume_file(path):
     fix = ("set run.resume_ckpt_path to the checkpoint_last.pth (or a checkpoint_N.pth) of the run to "
            "continue, written by train.py")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"run.resume_ckpt_path: no file at {path} (cwd {os.getcwd()}); {fix}")
+        raise MissingFileError(f"run.resume_ckpt_path: no file at {path} (cwd {os.getcwd()}); {fix}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation loses its directory
-        raise RuntimeError(f"run.resume_ckpt_path: {path} is truncated or not a torch checkpoint; {fix}")
+        raise ResumeError(f"run.resume_ckpt_path: {path} is truncated or not a torch checkpoint; {fix}")
 
 
 def _rng_state():

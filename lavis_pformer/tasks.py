@@ -27,9 +27,10 @@ from lavis.tasks.captioning import CaptionTask
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 
 from lavis_pformer.caption_eval import caption_metrics
+from lavis_pformer.errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError, RuntimeError):
+class NonFiniteLossError(UserError, FloatingPointError, RuntimeError):
     """The total training loss is NaN or infinite."""
 
 

@@ -11,8 +11,6 @@ import argparse
 import json
 import os
 import string
-import subprocess
-import sys
 
 import torch
 
@@ -116,13 +114,14 @@ def build_t5(out_dir, seed=0, vocab_size=200):
 def _save_fast_t5_tokenizer(out_dir):
     """Write tokenizer.json, as hub T5 models ship it, so T5TokenizerFast never converts at load time.
 
-    The slow->fast conversion in transformers 4.26 needs protobuf's pure-Python implementation (the
-    protobuf that LAVIS's other dependencies pull in is too new for its generated code), so it runs
-    in a child process with that implementation selected.
+    The conversion itself needs the protobuf that requirements-verified.txt pins (3.20.x).
     """
-    code = "import sys; from transformers import T5TokenizerFast as T; T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])"
-    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
-    subprocess.run([sys.executable, "-c", code, out_dir], check=True, env=env)
+    from transformers import T5TokenizerFast
+
+    from lavis_pformer.backbones import sentencepiece_conversion_errors
+
+    with sentencepiece_conversion_errors():
+        T5TokenizerFast.from_pretrained(out_dir).save_pretrained(out_dir)
 
 
 def build_vit(path, seed=0, image_size=32):

@@ -315,7 +315,8 @@ def test_stage2_checkpoint_generates_the_same_in_stock_lavis(tiny, models, tmp_p
     stock = stock_model(tiny, lavis_cls, name)
     lavis_cls.load_from_pretrained(stock, path)  # LAVIS's own loader (strict=False)
     stock.eval()
-    for key, value in ours.state_dict().items():
+    weights = {k: v for k, v in ours.state_dict().items() if k != "_extra_state"}  # the record stock LAVIS ignores
+    for key, value in weights.items():
         torch.testing.assert_close(stock.state_dict()[key], value, rtol=0, atol=0, msg=key)
     samples = {"image": batch()["image"]}
     kwargs = dict(num_beams=2, max_length=6, min_length=1)

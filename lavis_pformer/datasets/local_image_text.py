@@ -40,13 +40,18 @@ directory; ``image`` paths inside annotation files are relative to ``build_info.
 
 Errors name the file and the fix: a missing or malformed annotation file (FileNotFoundError /
 ValueError at build), a caption that is not a string (ValueError at build), a missing image folder
-(FileNotFoundError at build), and a missing or unreadable image (FileNotFoundError /
-:class:`ImageReadError` at ``__getitem__``). Blank captions are kept and counted in a warning at
+(FileNotFoundError at build), and a missing or unreadable image. Images are checked before the
+first step: ``build_info.check_images`` (both builders) is ``auto`` by default, which opens and
+decodes every image of a split at build time when the split has at most ``CHECK_IMAGES_AUTO_LIMIT``
+(20,000) distinct images (rank 0 checks, with a progress bar on a terminal); ``true`` checks any
+number, ``false`` none. Unchecked images that turn out unreadable raise FileNotFoundError /
+:class:`ImageReadError` at ``__getitem__``. Blank captions are kept and counted in a warning at
 build. ``local_caption`` training data may tolerate unreadable images: with
 ``build_info.max_bad_images: N`` (default 0) the train dataset skips up to N distinct missing or
 unreadable images (each logged once, replaced by the next readable record) and fails with the
-count past N. The count is per process (each rank and DataLoader worker keeps its own).
-Evaluation splits never skip: every question / image must get a prediction. Greyscale,
+count past N, at build when the check found them, else when read. The count is per process
+(each rank and DataLoader worker keeps its own). Evaluation splits never skip: every question /
+image must get a prediction. Greyscale,
 palette and RGBA images are converted to RGB. LAVIS sets PIL's ``LOAD_TRUNCATED_IMAGES`` globally,
 so a truncated but otherwise valid image still loads (with its missing part blank).
 """
@@ -54,6 +59,11 @@ so a truncated but otherwise valid image still loads (with its missing part blan
 import json
 import logging
 import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch.distributed as dist
 
 from lavis.common.registry import registry
 from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEvalDataset
@@ -61,7 +71,9 @@ from lavis.datasets.datasets.coco_vqa_datasets import COCOVQAEvalDataset
 from omegaconf import OmegaConf
 
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
+from lavis_pformer.errors import ConfigError, DataError, MissingFileError, UserError
 from PIL import Image
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +81,14 @@ _CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets"
 )
 _VQA_QUESTION_KEYS = ("info", "task_type", "data_type", "data_subtype", "license", "questions")
+# build_info.check_images: auto checks every image before training when a split has at most this many.
+CHECK_IMAGES_AUTO_LIMIT = 20000
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image file exists but cannot be decoded."""
+
+    kind = "data"
 
 
 def load_rgb_image(path):
@@ -82,7 +98,7 @@ def load_rgb_image(path):
             img.load()
             return img.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"image file {path} does not exist. Check build_info.images.storage (the folder the "
             "annotation 'image' paths are relative to) or remove the record from the annotation file."
         ) from None
@@ -101,7 +117,7 @@ def _load_json(path, what, key):
     """Parse a JSON file; ``key`` is the config key that names it, quoted in errors."""
     if not os.path.isfile(path):
         state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{what} {path} {state} (cwd {os.getcwd()}). Fix {key}: relative paths are resolved "
             "against the current working directory."
         )
@@ -109,21 +125,21 @@ def _load_json(path, what, key):
         with open(path, "r", encoding="utf-8-sig") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
+        raise DataError(f"{what} {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
 
 
 def _load_records(path, key, required):
     """A JSON list of objects that all have the ``required`` keys."""
     records = _load_json(path, "annotation file", key)
     if not isinstance(records, list):
-        raise ValueError(
+        raise DataError(
             f"annotation file {path}: expected a JSON list of objects with keys {list(required)}, "
             f"got a JSON {type(records).__name__}."
         )
     for i, rec in enumerate(records):
         missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"annotation file {path}, entry {i}: missing {missing} (each entry needs "
                 f"{list(required)}). Fix the entry or regenerate the file."
             )
@@ -132,6 +148,59 @@ def _load_records(path, key, required):
 
 def _image_path(vis_root, rel):
     return os.path.join(vis_root, rel)
+
+
+def _image_problem(path):
+    """None if ``path`` exists and decodes, else the message of its error."""
+    try:
+        load_rgb_image(path)
+    except (FileNotFoundError, ImageReadError) as e:
+        return str(e)
+    return None
+
+
+def check_images_setting(value, key):
+    """``build_info.check_images``: "auto" (default), true or false."""
+    if value in ("auto", True, False):
+        return value
+    raise ConfigError(f"{key} must be auto, true or false, got {value!r}")
+
+
+def find_unreadable_images(paths, label, setting="auto"):
+    """{path: problem} of the images among ``paths`` that are missing or do not decode.
+
+    ``setting``: True checks every image, False none, "auto" checks when there are at most
+    ``CHECK_IMAGES_AUTO_LIMIT`` distinct images (else it says so and checks none). Under torch.distributed
+    rank 0 checks (a progress bar on a terminal) and sends the result to the other ranks.
+    """
+    paths = list(dict.fromkeys(paths))
+    if setting is False:
+        return {}
+    if setting == "auto" and len(paths) > CHECK_IMAGES_AUTO_LIMIT:
+        logger.info("%s: %d images, more than %d: not checked before training (set build_info.check_images: "
+                    "true to check them all); unreadable ones fail (or are skipped, see max_bad_images) when read",
+                    label, len(paths), CHECK_IMAGES_AUTO_LIMIT)
+        return {}
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    found = [None]
+    if not distributed or dist.get_rank() == 0:
+        start = time.time()
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
+            problems = tqdm(pool.map(_image_problem, paths), total=len(paths), desc=f"{label}: checking images",
+                            unit="img", mininterval=1.0, disable=not sys.stderr.isatty(), leave=False)
+            found = [{path: problem for path, problem in zip(paths, problems) if problem is not None}]
+        logger.info("%s: checked %d images in %.1f s, %d unreadable", label, len(paths), time.time() - start,
+                    len(found[0]))
+    if distributed:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def unreadable_images_error(bad, total, label, fix):
+    examples = "\n  ".join(list(bad.values())[:3])
+    more = f"\n  ... and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return DataError(f"{len(bad)} of the {total} images of {label} cannot be read:\n  {examples}{more}\n{fix}")
 
 
 class LocalCaptionDataset(CaptionDataset):
@@ -161,6 +230,12 @@ class LocalCaptionDataset(CaptionDataset):
                 "image_id": self.img_ids[ann["image_id"]],
             }
         raise ImageReadError(f"no readable image among the {len(self.annotation)} records under {self.vis_root}")
+
+    def skip_known_bad_image(self, path, problem):
+        """Skip ``path`` (found unreadable before training), counted and logged as ``__getitem__`` would."""
+        self.bad_images.add(path)
+        logger.warning("skipping unreadable training image %d of at most %d (build_info.max_bad_images): %s",
+                       len(self.bad_images), self.max_bad_images, problem)
 
     def _skip_bad_image(self, path, error):
         if path in self.bad_images:
@@ -223,21 +298,21 @@ class _LocalImageTextBuilder(LocalDatasetBuilder):
         value = None if OmegaConf.is_missing(node, field) else node.get(field)
         if value in (None, ""):
             if required:
-                raise ValueError(f"set {key} to a local path.")
+                raise ConfigError(f"set {key} to a local path.")
             return None
         if not isinstance(value, str):
-            raise ValueError(f"{key} must be a single path, got {value!r}.")
+            raise ConfigError(f"{key} must be a single path, got {value!r}.")
         return _abs(value)
 
     def _image_root(self):
         info = self.config.build_info.get("images")
         key = self._key("images", "storage")
         if info is None:
-            raise ValueError(f"set {key} to the local image folder.")
+            raise ConfigError(f"set {key} to the local image folder.")
         root = self._path(info, "storage", key)
         if not os.path.isdir(root):
             state = "is not a folder" if os.path.exists(root) else "does not exist"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder {root} {state} (cwd {os.getcwd()}). Fix {key}: it is the folder the "
                 "annotation 'image' paths are relative to; relative paths are resolved against the "
                 "current working directory."
@@ -249,13 +324,13 @@ class _LocalImageTextBuilder(LocalDatasetBuilder):
         splits = {}
         for split, info in annotations.items():
             if split not in self.SPLITS:
-                raise ValueError(
+                raise ConfigError(
                     f"{self._key('annotations', split)}: unknown split; {self.NAME} takes "
                     f"{list(self.SPLITS)}."
                 )
             splits[split] = info
         if not splits:
-            raise ValueError(
+            raise ConfigError(
                 f"set {self._key('annotations')}.<split>.storage for at least one of "
                 f"{list(self.SPLITS)}."
             )
@@ -267,7 +342,7 @@ class _LocalImageTextBuilder(LocalDatasetBuilder):
         if records:
             first = _image_path(root, records[0]["image"])
             if not os.path.isfile(first):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"image file {first} (first entry of {ann_path}) does not exist. The annotation "
                     "'image' paths must be relative to build_info.images.storage; fix that folder "
                     "or the paths."
@@ -287,19 +362,22 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         root = self._image_root()
         max_bad_images = self.config.build_info.get("max_bad_images", 0)
         if isinstance(max_bad_images, bool) or not isinstance(max_bad_images, int) or max_bad_images < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{self._key('max_bad_images')} must be an integer >= 0, got {max_bad_images!r}."
             )
+        check = check_images_setting(self.config.build_info.get("check_images", "auto"), self._key("check_images"))
         datasets = {}
         for split, info in self._splits().items():
             key = self._key("annotations", split, "storage")
             paths = self._storage_paths(info, key)
+            images = []
             for path in paths:
                 records = _load_records(path, key, ("image", "caption", "image_id"))
                 self._check_captions(records, path)
                 if split != "train":
                     self._check_int_ids(records, path)
                 self._check_first_image(root, records, path)
+                images += [_image_path(root, rec["image"]) for rec in records]
             stage = "train" if split == "train" else "eval"
             procs = dict(
                 vis_processor=self.vis_processors[stage],
@@ -307,15 +385,27 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
                 vis_root=root,
                 ann_paths=paths,
             )
+            label = f"datasets.local_caption {split}"
+            bad = find_unreadable_images(images, label, check)
             if split == "train":
                 datasets[split] = self.train_dataset_cls(max_bad_images=max_bad_images, **procs)
+                if len(bad) > max_bad_images:
+                    raise unreadable_images_error(bad, len(set(images)), label, (
+                        "Replace them, or remove their records from the annotation file, or set "
+                        f"{self._key('max_bad_images')}: {len(bad)} to skip them in training."))
+                for path, problem in bad.items():
+                    datasets[split].skip_known_bad_image(path, problem)
             else:
+                if bad:
+                    raise unreadable_images_error(bad, len(set(images)), label, (
+                        "Evaluation needs every image: replace them or remove their records from the annotation "
+                        "file (and the ground truth)."))
                 gt_key = self._key("annotations", split, "gt")
                 gt = self._path(info, "gt", gt_key, required=False)
                 if gt is None:
                     logger.warning("local_caption %s: no %s, so no COCO ground truth file", split, gt_key)
                 elif not os.path.isfile(gt):
-                    raise FileNotFoundError(
+                    raise MissingFileError(
                         f"COCO caption ground truth {gt} does not exist (cwd {os.getcwd()}). Fix "
                         f"{gt_key} or remove it."
                     )
@@ -329,7 +419,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         if isinstance(storage, str):
             storage = [storage]
         if not storage:
-            raise ValueError(f"set {key} to a local captions JSON file or a list of files.")
+            raise ConfigError(f"set {key} to a local captions JSON file or a list of files.")
         return [_abs(p) for p in storage]
 
     @staticmethod
@@ -338,7 +428,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         blank = 0
         for i, rec in enumerate(records):
             if not isinstance(rec["caption"], str):
-                raise ValueError(
+                raise DataError(
                     f"annotation file {path}, entry {i}: caption {rec['caption']!r} is not a string. Fix the "
                     "entry (a caption is text) or remove it."
                 )
@@ -355,7 +445,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
             try:
                 int(rec["image_id"])
             except (TypeError, ValueError):
-                raise ValueError(
+                raise DataError(
                     f"annotation file {path}, entry {i}: image_id {rec['image_id']!r} is not an "
                     "integer; LAVIS's captioning evaluation calls int() on it and the COCO ground "
                     "truth uses integer ids. Use integer (or decimal string) image ids."
@@ -374,6 +464,7 @@ class LocalVQABuilder(_LocalImageTextBuilder):
     def build(self):
         self.build_processors()
         root = self._image_root()
+        check = check_images_setting(self.config.build_info.get("check_images", "auto"), self._key("check_images"))
         datasets = {}
         for split, info in self._splits().items():
             k = lambda field: self._key("annotations", split, field)  # noqa: E731
@@ -384,10 +475,16 @@ class LocalVQABuilder(_LocalImageTextBuilder):
             records = _load_records(storage, k("storage"), ("question_id", "question", "image"))
             self._check_vqa_files(records, storage, qfile, afile, k)
             self._check_first_image(root, records, storage)
+            label = f"datasets.local_vqa {split}"
+            images = [_image_path(root, rec["image"]) for rec in records]
+            bad = find_unreadable_images(images, label, check)
+            if bad:
+                raise unreadable_images_error(bad, len(set(images)), label, (
+                    "Evaluation needs every image: replace them or remove their questions from the three VQA files."))
             if alist is not None:
                 answers = _load_json(alist, "answer list", k("answer_list"))
                 if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                    raise ValueError(f"answer list {alist} must be a JSON list of strings.")
+                    raise DataError(f"answer list {alist} must be a JSON list of strings.")
             datasets[split] = self.eval_dataset_cls(
                 vis_processor=self.vis_processors["eval"],
                 text_processor=self.text_processors["eval"],
@@ -402,20 +499,20 @@ class LocalVQABuilder(_LocalImageTextBuilder):
     def _check_vqa_files(records, storage, qfile, afile, k):
         for i, rec in enumerate(records):
             if not isinstance(rec["question_id"], int) or isinstance(rec["question_id"], bool):
-                raise ValueError(
+                raise DataError(
                     f"annotation file {storage}, entry {i}: question_id {rec['question_id']!r} must "
                     "be an integer (LAVIS's VQA task reads it back with .item())."
                 )
         questions = _load_json(qfile, "VQA question file", k("question_file"))
         missing = [key for key in _VQA_QUESTION_KEYS if not isinstance(questions, dict) or key not in questions]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"VQA question file {qfile} lacks {missing}: LAVIS's VQA scorer needs a VQAv2 question "
                 f"file with keys {list(_VQA_QUESTION_KEYS)}."
             )
         annotations = _load_json(afile, "VQA annotation file", k("annotation_file"))
         if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list):
-            raise ValueError(
+            raise DataError(
                 f"VQA annotation file {afile} must be a JSON object with an \"annotations\" list "
                 "(VQAv2 format)."
             )
@@ -424,11 +521,11 @@ class LocalVQABuilder(_LocalImageTextBuilder):
             need = ("question_id", "image_id", "question_type", "answer_type", "answers")
             lacks = [key for key in need if not isinstance(ann, dict) or key not in ann]
             if lacks:
-                raise ValueError(f"VQA annotation file {afile}, annotation {i}: missing {lacks}.")
+                raise DataError(f"VQA annotation file {afile}, annotation {i}: missing {lacks}.")
             answers = ann["answers"]
             if not (isinstance(answers, list) and answers
                     and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers)):
-                raise ValueError(
+                raise DataError(
                     f"VQA annotation file {afile}, annotation {i} (question_id {ann['question_id']}): "
                     "\"answers\" must be a non-empty list of {\"answer\": str, \"answer_id\": int}."
                 )
@@ -436,7 +533,7 @@ class LocalVQABuilder(_LocalImageTextBuilder):
         asked = {q.get("question_id") for q in questions["questions"] if isinstance(q, dict)}
         unanswered = sorted(asked - answered, key=str)
         if unanswered:
-            raise ValueError(
+            raise DataError(
                 f"VQA question file {qfile}: {len(unanswered)} question(s) have no answers in {afile} "
                 f"(e.g. question_id {unanswered[0]}). Every question needs an annotation with "
                 "answers; regenerate the files or drop those questions."
@@ -445,7 +542,7 @@ class LocalVQABuilder(_LocalImageTextBuilder):
         for name, ids, path in (("question file", asked, qfile), ("annotation file", answered, afile)):
             if ids != listed:
                 diff = sorted(ids ^ listed, key=str)
-                raise ValueError(
+                raise DataError(
                     f"{storage} and the VQA {name} {path} list different question ids (e.g. "
                     f"{diff[0]}, {len(diff)} in all). LAVIS's scorer needs a prediction for every "
                     "annotated question: use files of the same split and question set."

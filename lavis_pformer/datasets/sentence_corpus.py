@@ -43,6 +43,7 @@ from lavis.processors.blip_processors import BlipQuestionProcessor
 from omegaconf import OmegaConf
 
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
+from lavis_pformer.errors import ConfigError, DataError, MissingFileError
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _detect_format(path):
     if first == b"{":
         return "jsonl"
     if ext == ".json" and first:
-        raise ValueError(
+        raise DataError(
             f"{path}: a .json sentence file must be a JSON list of objects or JSON lines, "
             f"but it starts with {first!r}. Fix the file or rename it to .txt if it is plain text."
         )
@@ -130,7 +131,7 @@ class _Tally:
     def bad_record(self, where, err):
         self.bad += 1
         if self.bad > self.max_bad_lines:
-            raise ValueError(
+            raise DataError(
                 f"{self.path}, {where}: {err}. Fix or remove the record, or raise "
                 f"build_info.max_bad_lines (now {self.max_bad_lines}) to skip bad records."
             )
@@ -144,7 +145,7 @@ class _Tally:
                 self.bad, self.path, self.max_bad_lines,
             )
         if kept == 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.path} contains no sentences ({self.blank} blank, {self.bad} bad records "
                 "skipped). Fill the file or remove it from build_info.annotations.<split>.storage."
             )
@@ -214,12 +215,12 @@ class _BufferSource:
             with open(path, "r", encoding="utf-8-sig") as f:
                 records = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(
+            raise DataError(
                 f"{path} is not valid JSON ({e}). Fix the file, or use one JSON object per "
                 "line with a .jsonl extension."
             ) from None
         if not isinstance(records, list):
-            raise ValueError(
+            raise DataError(
                 f"{path}: expected a JSON list of objects with a \"caption\" or \"text\" string, "
                 f"got a JSON {type(records).__name__}."
             )
@@ -263,13 +264,13 @@ class SentenceCorpusDataset(Dataset):
     @staticmethod
     def _open_source(path, max_bad_lines):
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"sentence file {path} does not exist (cwd {os.getcwd()}). Fix "
                 "build_info.annotations.<split>.storage: relative paths are resolved against "
                 "the current working directory."
             )
         if not os.path.isfile(path):
-            raise ValueError(f"{path} is not a file; list the sentence files themselves in storage.")
+            raise DataError(f"{path} is not a file; list the sentence files themselves in storage.")
         fmt = _detect_format(path)
         if fmt == "json":
             return _BufferSource(path, max_bad_lines)
@@ -311,9 +312,11 @@ class SentenceCorpusBuilder(LocalDatasetBuilder):
     def build(self):
         self.build_processors()
         build_info = self.config.build_info
-        max_bad_lines = int(build_info.get("max_bad_lines", 0))
-        if max_bad_lines < 0:
-            raise ValueError(f"build_info.max_bad_lines must be >= 0, got {max_bad_lines}.")
+        max_bad_lines = build_info.get("max_bad_lines", 0)
+        if isinstance(max_bad_lines, bool) or not isinstance(max_bad_lines, int) or max_bad_lines < 0:
+            raise ConfigError(
+                f"datasets.sentence_corpus.build_info.max_bad_lines must be an integer >= 0, got {max_bad_lines!r}."
+            )
         datasets = {}
         for split, info in build_info.annotations.items():
             if split not in ("train", "val", "test"):
@@ -336,5 +339,5 @@ class SentenceCorpusBuilder(LocalDatasetBuilder):
         if isinstance(storage, str):
             storage = [storage]
         if not storage:
-            raise ValueError(f"set {key} to a local sentence file or a list of files.")
+            raise ConfigError(f"set {key} to a local sentence file or a list of files.")
         return [os.path.abspath(os.path.expanduser(str(p))) for p in storage]

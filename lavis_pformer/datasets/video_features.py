@@ -61,6 +61,7 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from omegaconf import OmegaConf
 
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
+from lavis_pformer.errors import ConfigError, DataError, MissingFileError, OutputFolderError
 from torch.utils.data.dataloader import default_collate
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ CLIP_SAMPLING = ("uniform", "truncate")
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(DataError):
     """A clip-feature file exists but cannot be used (unreadable, wrong shape, non-finite values)."""
 
 
@@ -83,7 +84,7 @@ def load_clip_features(path, feat_dim):
     """``path`` (.npy) -> float32 array [clips, feat_dim]; [1, clips, feat_dim] is accepted (VATEX I3D)."""
     if not os.path.isfile(path):
         state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"feature file {path} {state}. Every video of the caption file needs <features>/<videoID>.npy: "
             "check build_info.features.storage or remove the video from the caption file."
         )
@@ -154,7 +155,7 @@ def load_vatex_captions(path, key="build_info.annotations.<split>.storage"):
     """[(videoID, [English captions])] from a VATEX-format JSON file; errors name the file and entry."""
     if not os.path.isfile(path):
         state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"caption file {path} {state} (cwd {os.getcwd()}). Fix {key}: relative paths are resolved against "
             "the current working directory."
         )
@@ -162,19 +163,19 @@ def load_vatex_captions(path, key="build_info.annotations.<split>.storage"):
         with open(path, "r", encoding="utf-8-sig") as f:
             records = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"caption file {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
+        raise DataError(f"caption file {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
     if not isinstance(records, list):
-        raise ValueError(
+        raise DataError(
             f"caption file {path}: expected VATEX's layout, a JSON list of {{\"videoID\": str, \"enCap\": [str, "
             f"...]}}, got a JSON {type(records).__name__}."
         )
     videos = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or not isinstance(rec.get("videoID"), str) or not rec["videoID"]:
-            raise ValueError(f"caption file {path}, entry {i}: needs a non-empty string \"videoID\".")
+            raise DataError(f"caption file {path}, entry {i}: needs a non-empty string \"videoID\".")
         caps = rec.get("enCap")
         if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-            raise ValueError(
+            raise DataError(
                 f"caption file {path}, entry {i} (videoID {rec['videoID']!r}): \"enCap\" must be a non-empty list "
                 "of non-empty English captions (VATEX's public test split has none: it cannot be trained on or "
                 "scored offline)."
@@ -209,7 +210,7 @@ def write_coco_ground_truth(videos, gt_dir, name):
             f.write(content)
         os.replace(tmp, path)  # ranks write identical bytes; the last replace wins
     except OSError as e:
-        raise PermissionError(
+        raise OutputFolderError(
             f"cannot write the COCO ground truth {path} ({e.strerror}); set "
             "datasets.video_features_caption.build_info.gt_dir to a writable folder."
         ) from e
@@ -298,10 +299,10 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
         feat_dim, max_clips = self.config.get("feat_dim"), self.config.get("max_clips")
         for key, value in (("feat_dim", feat_dim), ("max_clips", max_clips)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self._key(key)} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{self._key(key)} must be a positive integer, got {value!r}")
         sampling = self.config.get("clip_sampling", "uniform")
         if sampling not in CLIP_SAMPLING:
-            raise ValueError(f"{self._key('clip_sampling')} must be one of {list(CLIP_SAMPLING)}, got {sampling!r}")
+            raise ConfigError(f"{self._key('clip_sampling')} must be one of {list(CLIP_SAMPLING)}, got {sampling!r}")
         return feat_dim, max_clips, sampling
 
     def _features_root(self):
@@ -309,11 +310,11 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
         info = self.config.build_info.get("features")
         value = None if info is None or OmegaConf.is_missing(info, "storage") else info.get("storage")
         if not isinstance(value, str) or not value:
-            raise ValueError(f"set {key} to the folder holding one <videoID>.npy per video.")
+            raise ConfigError(f"set {key} to the folder holding one <videoID>.npy per video.")
         root = os.path.abspath(os.path.expanduser(value))
         if not os.path.isdir(root):
             state = "is not a folder" if os.path.exists(root) else "does not exist"
-            raise FileNotFoundError(f"feature folder {root} {state} (cwd {os.getcwd()}). Fix {key}.")
+            raise MissingFileError(f"feature folder {root} {state} (cwd {os.getcwd()}). Fix {key}.")
         return root
 
     def _split_videos(self, split, info):
@@ -321,24 +322,24 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
         storage = None if OmegaConf.is_missing(info, "storage") else info.get("storage")
         paths = [storage] if isinstance(storage, str) else list(storage or [])
         if not paths:
-            raise ValueError(f"set {key} to a VATEX-format caption file (or a list of files).")
+            raise ConfigError(f"set {key} to a VATEX-format caption file (or a list of files).")
         paths = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         videos, seen = [], {}
         for path in paths:
             for video_id, caps in load_vatex_captions(path, key):
                 if video_id in seen:
-                    raise ValueError(f"videoID {video_id!r} appears twice in {split} ({seen[video_id]} and {path}).")
+                    raise DataError(f"videoID {video_id!r} appears twice in {split} ({seen[video_id]} and {path}).")
                 seen[video_id] = path
                 videos.append((video_id, caps))
         if not videos:
-            raise ValueError(f"{key}: {paths} hold no videos.")
+            raise DataError(f"{key}: {paths} hold no videos.")
         return paths, videos
 
     @staticmethod
     def _check_features(root, videos, feat_dim, split):
         missing = [v for v, _ in videos if not os.path.isfile(os.path.join(root, v + ".npy"))]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{len(missing)} of the {len(videos)} {split} videos have no feature file in {root}, e.g. "
                 f"{os.path.join(root, missing[0] + '.npy')}. Extract their features or remove them from the "
                 "caption file."
@@ -352,7 +353,7 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
         annotations = self.config.build_info.get("annotations") or {}
         unknown = [s for s in annotations if s not in self.SPLITS]
         if unknown or not annotations:
-            raise ValueError(
+            raise ConfigError(
                 f"{self._key('build_info', 'annotations')}: give at least one of {list(self.SPLITS)}"
                 + (f"; unknown split(s) {unknown}" if unknown else "")
             )

@@ -28,6 +28,8 @@ from omegaconf import OmegaConf
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_pformer.losses import alignment_loss
+from lavis_pformer.errors import ConfigError, SetupError
+from lavis_pformer.models.stage_checkpoint import StageCheckpointMixin
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
 
 TEACHER = "pformer_teacher"
@@ -36,7 +38,7 @@ TEACHER = "pformer_teacher"
 TRAINING_TASKS = "image_text_pretrain_pformer (pre-training stages 1 and 2) or captioning_pformer (caption fine-tuning)"
 
 
-class AlignmentSetupError(ValueError):
+class AlignmentSetupError(ConfigError):
     """The model config does not allow building the P-Former teacher."""
 
 
@@ -69,8 +71,11 @@ def strip_prompt(text, prompt):
     return text
 
 
-class PFormerAlignmentMixin:
-    """Frozen P-Former teacher + ``loss_align`` on top of a LAVIS BLIP-2 model (see the module docstring)."""
+class PFormerAlignmentMixin(StageCheckpointMixin):
+    """Frozen P-Former teacher + ``loss_align`` on top of a LAVIS BLIP-2 model (see the module docstring).
+
+    Also records what the model was aligned to in its checkpoints (:mod:`~lavis_pformer.models.stage_checkpoint`).
+    """
 
     # Paper defaults (docs/method.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.
     DEFAULT_ALIGNMENT_WEIGHT = None
@@ -166,7 +171,7 @@ class PFormerAlignmentMixin:
         ``loss_align`` is present whenever the model has a teacher; ``loss`` is the sum of the terms.
         """
         if self.training and self.alignment_weight > 0 and self.pformer_teacher is None:
-            raise RuntimeError(
+            raise SetupError(
                 f"{type(self).__name__} is training with alignment_weight={self.alignment_weight:g} but was built "
                 "without its P-Former teacher (from_config(cfg, for_training=False), which LAVIS's stock tasks "
                 f"and load_model do). Train with run.task {TRAINING_TASKS}, which build the teacher; or set "
@@ -236,7 +241,7 @@ class LemmatizerMixin:
 
                 self._lemmatizer = spacy.load("en_core_web_sm")
             except (ImportError, OSError) as e:
-                raise RuntimeError(
+                raise SetupError(
                     "model.apply_lemmatizer is True but spaCy's en_core_web_sm cannot be loaded "
                     f"({type(e).__name__}: {e}); install it with `python -m spacy download en_core_web_sm` "
                     "or set model.apply_lemmatizer: False"

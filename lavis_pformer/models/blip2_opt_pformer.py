@@ -3,31 +3,43 @@
 ``loss_align = alignment_weight * MSE(opt_proj(query_output), P-Former prompt(caption))``; the trainable
 parameters are those of stock ``blip2_opt`` stage 2 (Q-Former, query tokens, ln_vision, opt_proj); the
 P-Former and OPT are frozen and neither is saved in ``state_dict()``. The checkpoint loads into stock
-LAVIS ``blip2_opt`` for evaluation.
+LAVIS ``blip2_opt`` for evaluation when ``cross_attention_freq`` is 2, the only value stock Blip2OPT builds.
 
-Stage 1 -> 2: a ``blip2_qformer_pformer`` checkpoint's ``llm_proj`` initialises ``opt_proj``; its
-stage-1-only tensors (ITC/ITM heads, the Q-Former's text-side layers) are dropped, as LAVIS does.
+Stage 1 -> 2: the Q-Former is built with ``cross_attention_freq`` (default 2, as LAVIS), which must be the
+value of the stage-1 checkpoint; a ``blip2_qformer_pformer`` checkpoint's ``llm_proj`` initialises
+``opt_proj``; its stage-1-only tensors (ITC/ITM heads, the Q-Former's text embeddings and text-side
+feed-forward layers) are dropped, as LAVIS does. Any other tensor without a place in the model, and a
+checkpoint aligned to another LLM (see :mod:`~lavis_pformer.models.stage_checkpoint`), is an error.
 
 Adds what LAVIS 1.0.2's Blip2OPT lacks for zero-shot VQA: ``predict_answers`` and ``apply_lemmatizer``.
 """
 import logging
 import os
+import re
 
 import torch
 
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_bool, as_float
+from lavis_pformer.errors import CheckpointError, ConfigError, SetupError
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
 from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.paths import resolve_model_path
 
-# Tensors of a stage-1 checkpoint that stage 2 has no place for (LAVIS drops them with strict=False).
+# Tensors of a stage-1 checkpoint that stage 2 has no place for (LAVIS drops them with strict=False): the
+# ITC / ITM / ITG heads, the Q-Former's text embeddings and the text-side feed-forward of every layer.
 STAGE1_ONLY_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "Qformer.cls.",
                         "Qformer.bert.embeddings.word_embeddings.", "Qformer.bert.embeddings.position_embeddings.")
 STAGE1_ONLY_KEYS = ("temp",)
+_TEXT_FFN = re.compile(r"^Qformer\.bert\.encoder\.layer\.\d+\.(output|intermediate)\.")
+
+
+def is_stage1_only(key):
+    return key.startswith(STAGE1_ONLY_PREFIXES) or key in STAGE1_ONLY_KEYS or bool(_TEXT_FFN.match(key))
 
 
 class Stage2Mixin:
@@ -43,9 +55,9 @@ class Stage2Mixin:
         """Call after ``setup_alignment``."""
         self.lm_weight = float(lm_weight)
         if self.lm_weight < 0:
-            raise ValueError(f"model.lm_weight must be >= 0, got {self.lm_weight:g}")
+            raise ConfigError(f"model.lm_weight must be >= 0, got {self.lm_weight:g}")
         if self.lm_weight == 0 and self.alignment_weight == 0:
-            raise ValueError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
+            raise ConfigError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
                              "lm_weight: 1 (LM loss) and/or alignment_weight > 0 (alignment to the P-Former)")
 
     def alignment_source(self):
@@ -75,7 +87,7 @@ class Stage2Mixin:
         if self.lm_weight > 0:
             return super().forward(samples)
         if getattr(self, "pformer_teacher", None) is None:
-            raise RuntimeError(
+            raise SetupError(
                 f"{type(self).__name__}: lm_weight is 0 and there is no P-Former teacher, so there is no loss. "
                 "An alignment-only stage 2 needs model.alignment_weight > 0, model.pformer_checkpoint and run.task "
                 "image_text_pretrain_pformer or captioning_pformer (which build the model for training)."
@@ -84,32 +96,37 @@ class Stage2Mixin:
         return {"loss": None}
 
     def adapt_state_dict(self, state_dict):
-        """Rename stage 1's ``llm_proj.*`` to ``<llm>_proj.*`` and drop stage-1-only tensors."""
-        if f"{self.PROJ}.weight" in state_dict or "llm_proj.weight" not in state_dict:
-            return state_dict
+        """A stage-1 checkpoint: ``llm_proj.*`` becomes ``<llm>_proj.*`` and its stage-1-only tensors are
+        dropped; anything else it holds must fit this model (``load_checkpoint`` refuses the rest)."""
+        if f"{self.PROJ}.weight" in state_dict:
+            return state_dict  # a stage-2 checkpoint
         proj = getattr(self, self.PROJ)
-        width = state_dict["llm_proj.weight"].shape[0]
-        if width != proj.out_features:
-            raise ValueError(
-                f"the stage-1 checkpoint's llm_proj has width {width} but this model's LLM needs "
-                f"{proj.out_features}: stage 1 was trained with a P-Former for another LLM"
-            )
+        if "llm_proj.weight" in state_dict:
+            width = state_dict["llm_proj.weight"].shape[0]
+            if width != proj.out_features:
+                raise CheckpointError(
+                    f"the stage-1 checkpoint's llm_proj has width {width} but this model's LLM needs "
+                    f"{proj.out_features}: stage 1 was trained with a P-Former for another LLM"
+                )
         own = set(self.state_dict())
         adapted, dropped = {}, []
         for key, value in state_dict.items():
             if key.startswith("llm_proj."):
                 adapted[self.PROJ + key[len("llm_proj"):]] = value
-            elif key not in own and (key.startswith(STAGE1_ONLY_PREFIXES) or key in STAGE1_ONLY_KEYS
-                                     or ".output." in key or ".intermediate." in key):
+            elif key not in own and is_stage1_only(key):
                 dropped.append(key)
             else:
                 adapted[key] = value
-        logging.info("stage-1 checkpoint: llm_proj -> %s; %d stage-1-only tensors dropped", self.PROJ, len(dropped))
+        if dropped:
+            logging.info("stage-1 checkpoint: %s; %d stage-1-only tensors (ITC/ITM/ITG heads, text embeddings and "
+                         "text feed-forward layers) dropped, as LAVIS does",
+                         f"llm_proj -> {self.PROJ}" if "llm_proj.weight" in state_dict else "no llm_proj",
+                         len(dropped))
         return adapted
 
     def _check_inference_method(self, inference_method):
         if inference_method != "generate":
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}.predict_answers supports inference_method 'generate' only, got "
                 f"{inference_method!r}; set run.inference_method: generate"
             )
@@ -128,12 +145,14 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
     compatible_archs = ("blip2_opt",)
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
     PROJ = "opt_proj"
+    LLM_KEY = "opt_model"
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="fp16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, apply_lemmatizer=False,
-                 for_training=False, lm_weight=1.0, **lavis_kwargs):
-        self.set_backbones(bert_model=bert_model, vit_config=vit_config)
+                 for_training=False, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+        self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(**lavis_kwargs)
+        self._llm_name = lavis_kwargs.get("opt_model", "facebook/opt-2.7b")
         self.opt_model = self.cast_llm(self.opt_model, llm_precision)
         self.exclude_from_checkpoint("opt_model.")
         self._apply_lemmatizer = apply_lemmatizer
@@ -195,19 +214,21 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
     @classmethod
     def from_config(cls, cfg, for_training=False):
         """Keys: Blip2OPT's (vit_model, image_size, num_query_token, opt_model, drop_path_rate,
-        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len) + bert_model, vit_config,
+        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len) + cross_attention_freq (2, as
+        LAVIS; must be the value of the stage-1 checkpoint it starts from), bert_model, vit_config,
         llm_precision (fp16), alignment_weight (default 100), lm_weight (default 1; 0 = alignment only),
         pformer_checkpoint, apply_lemmatizer, load_pretrained / pretrained (a stage-1 checkpoint),
         load_finetuned / finetuned.
         """
-        model = cls(
-            opt_model=cfg.get("opt_model", "facebook/opt-2.7b"),
-            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-            prompt=cfg.get("prompt", "") or "",
-            llm_precision=cfg.get("llm_precision", "fp16"),
-            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-            **lavis_vit_qformer_kwargs(cfg),
-            **plugin_kwargs(cls, cfg, for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
+                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+                prompt=cfg.get("prompt", "") or "",
+                llm_precision=cfg.get("llm_precision", "fp16"),
+                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+                **lavis_vit_qformer_kwargs(cfg),
+                **plugin_kwargs(cls, cfg, for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         return model

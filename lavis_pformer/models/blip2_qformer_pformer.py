@@ -14,14 +14,17 @@ import logging
 import os
 
 import torch.nn as nn
+from omegaconf import OmegaConf
 
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_bool, as_float, as_int
+from lavis_pformer.errors import ConfigError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.paths import resolve_file, resolve_model_path
 
 
 def optional_int(cfg, key):
@@ -31,7 +34,7 @@ def optional_int(cfg, key):
 def optional_str(cfg, key):
     value = cfg.get(key)
     if value is not None and not isinstance(value, str):
-        raise ValueError(f"model.{key} must be a string, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"model.{key} must be a string, got {value!r} ({type(value).__name__})")
     return value or None
 
 
@@ -49,12 +52,28 @@ def lavis_vit_qformer_kwargs(cfg):
     )
 
 
+def vit_config_of(cfg):
+    """``vit_config`` as a dict, its ``checkpoint`` resolved (working directory, then the repository)."""
+    vit_config = cfg.get("vit_config")
+    if vit_config is None:
+        return None
+    if OmegaConf.is_config(vit_config):
+        vit_config = OmegaConf.to_container(vit_config, resolve=True)
+    if not isinstance(vit_config, dict):
+        raise ConfigError(f"model.vit_config must be a mapping (patch_size, embed_dim, ...), got {vit_config!r}")
+    vit_config = dict(vit_config)
+    if vit_config.get("checkpoint") and cfg.get("vit_model", "eva_clip_g") == "custom_vit":
+        vit_config["checkpoint"] = resolve_file(vit_config["checkpoint"], "model.vit_config.checkpoint")
+    return vit_config
+
+
 def plugin_kwargs(cls, cfg, for_training):
-    """Backbones and alignment keys of the plugin's BLIP-2 models."""
+    """Backbones and alignment keys of the plugin's BLIP-2 models (stages 1 and 2)."""
     checkpoint = optional_str(cfg, "pformer_checkpoint")
     return dict(
-        bert_model=cfg.get("bert_model", "bert-base-uncased"),
-        vit_config=cfg.get("vit_config"),
+        bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
+        vit_config=vit_config_of(cfg),
+        cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
         alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
         pformer_checkpoint=checkpoint,
         for_training=bool(for_training),
@@ -73,9 +92,10 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
     DEFAULT_ALIGNMENT_WEIGHT = 10.0
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT,
-                 pformer_checkpoint=None, llm_hidden_size=None, llm_name=None, for_training=False, **lavis_kwargs):
-        self.set_backbones(bert_model=bert_model, vit_config=vit_config)
-        super().__init__(**lavis_kwargs)
+                 pformer_checkpoint=None, llm_hidden_size=None, llm_name=None, for_training=False,
+                 cross_attention_freq=2, **lavis_kwargs):
+        self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
+        super().__init__(cross_attention_freq=cross_attention_freq, **lavis_kwargs)
         teacher = self.setup_alignment(
             alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
             llm_hidden_size=llm_hidden_size, llm_name=llm_name, for_training=for_training,
@@ -113,13 +133,13 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
         alignment_weight (default 10), pformer_checkpoint, llm_hidden_size, llm_name (both optional: checked
         against the P-Former checkpoint when given), load_pretrained / pretrained, load_finetuned / finetuned.
         """
-        model = cls(
-            cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
-            embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
-            llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
-            llm_name=optional_str(cfg, "llm_name"),
-            **lavis_vit_qformer_kwargs(cfg),
-            **plugin_kwargs(cls, cfg, for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
+                llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
+                llm_name=optional_str(cfg, "llm_name"),
+                **lavis_vit_qformer_kwargs(cfg),
+                **plugin_kwargs(cls, cfg, for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -9,7 +9,8 @@ The P-Former teacher reads the whole caption (``text_input`` + " " + ``text_outp
 gives both).
 
 ``loss_align = alignment_weight * MSE(t5_proj(query_output), P-Former prompt(caption))``; T5 and the
-P-Former are frozen and not saved; the checkpoint loads into stock LAVIS ``blip2_t5``.
+P-Former are frozen and not saved; the checkpoint loads into stock LAVIS ``blip2_t5`` when
+``cross_attention_freq`` is 2 (the only value stock Blip2T5 builds). Stage 1 -> 2 as ``blip2_opt_pformer``.
 LAVIS casts T5 to bf16 in its constructor; ``llm_precision`` (default bf16, ``fp32`` on CPU) is applied
 afterwards.
 """
@@ -19,12 +20,13 @@ import random
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
-from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors, sentencepiece_conversion_errors
 from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
 from lavis_pformer.models.blip2_opt_pformer import Stage2Mixin
 from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.text import split_prefix_suffix
 
 
@@ -44,12 +46,15 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
     compatible_archs = ("blip2_t5",)
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
     PROJ = "t5_proj"
+    LLM_KEY = "t5_model"
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
-                 split_seed=0, lm_weight=1.0, **lavis_kwargs):
-        self.set_backbones(bert_model=bert_model, vit_config=vit_config)
-        super().__init__(**lavis_kwargs)  # casts T5 to bf16
+                 split_seed=0, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+        self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
+        with sentencepiece_conversion_errors():
+            super().__init__(**lavis_kwargs)  # casts T5 to bf16
+        self._llm_name = lavis_kwargs.get("t5_model", "google/flan-t5-xl")
         self.t5_model = self.cast_llm(self.t5_model, llm_precision)
         self.exclude_from_checkpoint("t5_model.")
         self.rng = random.Random(split_seed)
@@ -91,18 +96,20 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
     @classmethod
     def from_config(cls, cfg, for_training=False):
         """Keys: Blip2T5's (vit_model, image_size, num_query_token, t5_model, drop_path_rate,
-        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len, apply_lemmatizer) + bert_model,
+        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len, apply_lemmatizer) +
+        cross_attention_freq (2, as LAVIS; must be the value of the stage-1 checkpoint it starts from), bert_model,
         vit_config, llm_precision (bf16), alignment_weight (default 100), lm_weight (default 1; 0 = alignment
         only), pformer_checkpoint, load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
         """
-        model = cls(
-            t5_model=cfg.get("t5_model", "google/flan-t5-xl"),
-            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-            prompt=cfg.get("prompt", "") or "",
-            llm_precision=cfg.get("llm_precision", "bf16"),
-            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-            **lavis_vit_qformer_kwargs(cfg),
-            **plugin_kwargs(cls, cfg, for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
+                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+                prompt=cfg.get("prompt", "") or "",
+                llm_precision=cfg.get("llm_precision", "bf16"),
+                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+                **lavis_vit_qformer_kwargs(cfg),
+                **plugin_kwargs(cls, cfg, for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -11,8 +11,10 @@ from transformers import AutoTokenizer
 from lavis.common.registry import registry
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
+from lavis_pformer.backbones import hub_load_errors
 from lavis_pformer.config_checks import as_float
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR, PFormerPretrain
+from lavis_pformer.paths import resolve_model_path
 
 
 @registry.register_model("pformer_opt")
@@ -81,12 +83,13 @@ class PFormerOPT(PFormerPretrain):
 
     @classmethod
     def from_config(cls, cfg):
-        model = cls(
-            opt_model=cfg.get("opt_model", "facebook/opt-2.7b"),
-            llm_precision=cfg.get("llm_precision", "fp16"),
-            mask_prob=as_float(cfg, "mask_prob", 0.25, minimum=0),
-            vq_weight=as_float(cfg, "vq_weight", 1.0, minimum=0),
-            **cls.common_kwargs(cfg),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
+                llm_precision=cfg.get("llm_precision", "fp16"),
+                mask_prob=as_float(cfg, "mask_prob", 0.25, minimum=0),
+                vq_weight=as_float(cfg, "vq_weight", 1.0, minimum=0),
+                **cls.common_kwargs(cfg),
+            )
         return model.finish_from_config(cfg)
 

@@ -16,6 +16,8 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 
 from lavis_pformer.backbones import BackboneMixin, bert_tokenizer
 from lavis_pformer.config_checks import as_bool, as_float, as_int
+from lavis_pformer.errors import ConfigError
+from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.losses import two_view_contrastive_loss, vq_commitment_loss
 from lavis_pformer.pformer import PFormer
 from lavis_pformer.text import mask_tokens
@@ -113,7 +115,7 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
             )
         if self.weights["qa"] > 0:
             if "question" not in samples or "answer" not in samples:
-                raise ValueError(
+                raise ConfigError(
                     "qa_weight > 0 needs (caption, question, answer) records: point the sentence_corpus at a "
                     'JSON-lines file whose records have "caption", "question" and "answer" (e.g. the demo\'s '
                     "qa_triples.jsonl), or set qa_weight: 0"
@@ -139,7 +141,7 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
     def common_kwargs(cls, cfg):
         """Config keys shared by the OPT and T5 variants, type-checked."""
         return dict(
-            bert_model=cfg.get("bert_model", "bert-base-uncased"),
+            bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
             num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
             max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
             embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),

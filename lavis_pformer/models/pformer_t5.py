@@ -14,8 +14,10 @@ from transformers import T5Config, T5TokenizerFast
 from lavis.common.registry import registry
 from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 
+from lavis_pformer.backbones import hub_load_errors, sentencepiece_conversion_errors
 from lavis_pformer.config_checks import as_float
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR, PFormerPretrain
+from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.text import split_prefix_suffix
 
 
@@ -29,7 +31,8 @@ class PFormerT5(PFormerPretrain):
 
     def __init__(self, t5_model="google/flan-t5-xl", llm_precision="bf16", **kwargs):
         super().__init__(llm_name=t5_model, **kwargs)
-        self.t5_tokenizer = T5TokenizerFast.from_pretrained(t5_model)
+        with sentencepiece_conversion_errors():
+            self.t5_tokenizer = T5TokenizerFast.from_pretrained(t5_model)
         config = T5Config.from_pretrained(t5_model)
         config.dense_act_fn = "gelu"  # as LAVIS's Blip2T5
         t5 = T5ForConditionalGeneration.from_pretrained(t5_model, config=config)
@@ -93,11 +96,12 @@ class PFormerT5(PFormerPretrain):
 
     @classmethod
     def from_config(cls, cfg):
-        model = cls(
-            t5_model=cfg.get("t5_model", "google/flan-t5-xl"),
-            llm_precision=cfg.get("llm_precision", "bf16"),
-            mask_prob=as_float(cfg, "mask_prob", 0.0, minimum=0),
-            vq_weight=as_float(cfg, "vq_weight", 0.0, minimum=0),
-            **cls.common_kwargs(cfg),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
+                llm_precision=cfg.get("llm_precision", "bf16"),
+                mask_prob=as_float(cfg, "mask_prob", 0.0, minimum=0),
+                vq_weight=as_float(cfg, "vq_weight", 0.0, minimum=0),
+                **cls.common_kwargs(cfg),
+            )
         return model.finish_from_config(cfg)

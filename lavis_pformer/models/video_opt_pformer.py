@@ -43,11 +43,13 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.backbones import DTYPES, BackboneMixin
+from lavis_pformer.backbones import DTYPES, BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_float, as_int
+from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
 from lavis_pformer.models.blip2_qformer_pformer import optional_str
 from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.paths import resolve_model_path
 
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
 
@@ -60,6 +62,7 @@ class VideoOPT(BackboneMixin, Blip2Base):
                  lm_weight=1.0):
         self.set_backbones(bert_model=bert_model)
         super().__init__()
+        self._llm_name = opt_model
         self.tokenizer = self.init_tokenizer()  # BERT tokenizer: the P-Former teacher reads captions with it
         self.feat_dim, self.max_clips, self.lm_weight = int(feat_dim), int(max_clips), float(lm_weight)
 
@@ -76,7 +79,7 @@ class VideoOPT(BackboneMixin, Blip2Base):
             layer.intermediate = None
 
         if llm_precision not in DTYPES:
-            raise ValueError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{llm_precision}'")
+            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{llm_precision}'")
         self.opt_tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
         self.opt_model = OPTForCausalLM.from_pretrained(opt_model, torch_dtype=DTYPES[llm_precision])
         for param in self.opt_model.parameters():
@@ -94,14 +97,14 @@ class VideoOPT(BackboneMixin, Blip2Base):
     def clip_inputs(self, samples):
         """(features [B, T, feat_dim], mask [B, T] long) from the samples, checked."""
         if FEATURES_KEY not in samples:
-            raise KeyError(f"{type(self).__name__} reads samples['{FEATURES_KEY}'] (clip features [B, T, feat_dim]); "
+            raise ConfigError(f"{type(self).__name__} reads samples['{FEATURES_KEY}'] (clip features [B, T, feat_dim]); "
                            f"got keys {sorted(samples)}. Use the video_features_caption dataset builder.")
         features = samples[FEATURES_KEY]
         if features.dim() != 3 or features.shape[-1] != self.feat_dim:
-            raise ValueError(f"{FEATURES_KEY} must be [B, T, {self.feat_dim}] (model.feat_dim), "
+            raise ConfigError(f"{FEATURES_KEY} must be [B, T, {self.feat_dim}] (model.feat_dim), "
                              f"got {tuple(features.shape)}")
         if features.shape[1] > self.max_clips:
-            raise ValueError(f"{FEATURES_KEY} has {features.shape[1]} clips, more than model.max_clips="
+            raise ConfigError(f"{FEATURES_KEY} has {features.shape[1]} clips, more than model.max_clips="
                              f"{self.max_clips}; set the dataset's max_clips to at most the model's")
         mask = samples.get(MASK_KEY)
         if mask is None:
@@ -196,6 +199,8 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
     }
     # The captioning loss is trained with the prompt aligned as in image stage 2 (w2 = 100, docs/method.md).
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
+    LLM_KEY = "opt_model"
+    VISION_WIDTH_KEY = "model.feat_dim"
 
     def __init__(self, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
                  **video_kwargs):
@@ -206,7 +211,7 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
             llm_name=video_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
         )
         if self.lm_weight == 0 and self.alignment_weight == 0:
-            raise ValueError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
+            raise ConfigError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
                              "lm_weight: 1 (captioning) and/or alignment_weight > 0 (alignment to the P-Former)")
 
     def alignment_source(self):
@@ -220,7 +225,7 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
 
     def forward(self, samples):
         if self.lm_weight == 0 and self.pformer_teacher is None:
-            raise RuntimeError(
+            raise SetupError(
                 f"{type(self).__name__}: lm_weight is 0 and there is no P-Former teacher, so there is no loss. "
                 "An alignment-only run needs model.alignment_weight > 0, model.pformer_checkpoint and run.task "
                 "captioning_pformer (which builds the model for training)."
@@ -233,21 +238,22 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
         opt_model, llm_precision (fp16), prompt (""), max_txt_len (32), lm_weight (1), alignment_weight (100),
         pformer_checkpoint, load_pretrained / pretrained, load_finetuned / finetuned.
         """
-        model = cls(
-            bert_model=cfg.get("bert_model", "bert-base-uncased"),
-            num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
-            cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
-            feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
-            max_clips=as_int(cfg, "max_clips", 32, minimum=1),
-            opt_model=cfg.get("opt_model", "facebook/opt-2.7b"),
-            llm_precision=cfg.get("llm_precision", "fp16"),
-            prompt=optional_str(cfg, "prompt") or "",
-            max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
-            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-            alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
-            pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
-            for_training=bool(for_training),
-        )
+        with hub_load_errors(cfg):
+            model = cls(
+                bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
+                num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
+                cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
+                feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
+                max_clips=as_int(cfg, "max_clips", 32, minimum=1),
+                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
+                llm_precision=cfg.get("llm_precision", "fp16"),
+                prompt=optional_str(cfg, "prompt") or "",
+                max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
+                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+                alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
+                pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
+                for_training=bool(for_training),
+            )
         model.load_checkpoint_from_config(cfg)
         logging.info("%s: %d trainable parameters", cls.__name__,
                      sum(p.numel() for p in model.parameters() if p.requires_grad))
