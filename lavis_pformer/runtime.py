@@ -7,7 +7,8 @@ On CPU, or under ``torchrun`` without GPUs:
   LAVIS's unconditional ``dist.barrier()`` (runner_base.py:406) and ``all_gather_with_grad`` work.
 - ``RunnerPFormer`` (registered ``runner_pformer``) wraps the model in DDP whatever its device,
   without ``device_ids`` on CPU (runner_base.py:85/:92), builds loaders without the CUDA
-  ``PrefetchLoader`` (:538), resolves ``output_dir`` against the working directory instead of the
+  ``PrefetchLoader`` (:538) and without ``IterLoader``'s 2-s pause per epoch when there are no loader
+  workers (dataloader_utils.py:152), resolves ``output_dir`` against the working directory instead of the
   installed lavis package (:345), evaluates on the run's device (:469 passes cuda_enabled=True),
   writes checkpoints atomically (plus ``checkpoint_last.pth``, the newest epoch) and keeps
   ``<output_dir>/latest`` pointing at the newest job folder.
@@ -152,6 +153,31 @@ class _NoPrefetch:
         return loader
 
 
+def _start_epoch(loader, epoch):
+    """Point LAVIS's ``IterLoader`` (dataloader_utils.py: ``_epoch``, ``iter_loader``) at epoch ``epoch``, as its
+    own epoch change does: the distributed sampler's epoch, then a new iterator."""
+    loader._epoch = epoch
+    sampler = getattr(loader._dataloader, "sampler", None)
+    if loader._use_distributed and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    loader.iter_loader = iter(loader._dataloader)
+
+
+class _IterLoader(IterLoader):
+    """LAVIS's ``IterLoader`` without its 2-second pause at each epoch change when the loader has no worker
+    processes (the pause guards worker start-up; with ``num_workers: 0`` there is none, and tiny multi-epoch
+    runs spent much of their time asleep)."""
+
+    def __next__(self):
+        loader = getattr(self._dataloader, "loader", self._dataloader)  # a PrefetchLoader's DataLoader on GPUs
+        if getattr(loader, "num_workers", None) == 0:
+            try:
+                return next(self.iter_loader)
+            except StopIteration:
+                _start_epoch(self, self._epoch + 1)
+        return super().__next__()
+
+
 @registry.register_runner("runner_pformer")
 class RunnerPFormer(RunnerBase):
     """LAVIS's epoch runner, made device-agnostic (see the module docstring). Same config keys."""
@@ -177,9 +203,10 @@ class RunnerPFormer(RunnerBase):
         return self._wrapped_model
 
     def create_loaders(self, *args, **kwargs):
-        if self.device.type == "cuda":
-            return super().create_loaders(*args, **kwargs)
-        with _patched(lavis_runner_base, "PrefetchLoader", _NoPrefetch):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(lavis_runner_base, "IterLoader", _IterLoader))
+            if self.device.type != "cuda":
+                stack.enter_context(_patched(lavis_runner_base, "PrefetchLoader", _NoPrefetch))
             return super().create_loaders(*args, **kwargs)
 
     def setup_output_dir(self):
@@ -268,12 +295,7 @@ class RunnerPFormer(RunnerBase):
             logging.warning("resume: the training loader is a %s, not an IterLoader: the data order of the "
                             "resumed epochs is not aligned with an uninterrupted run", type(loader).__name__)
             return
-        # IterLoader (LAVIS 1.0.2 dataloader_utils.py) keeps its epoch in _epoch and its iterator in iter_loader.
-        loader._epoch = epoch
-        sampler = getattr(loader._dataloader, "sampler", None)
-        if loader._use_distributed and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        loader.iter_loader = iter(loader._dataloader)
+        _start_epoch(loader, epoch)
 
 
 def resolve_resume_path(run_cfg):
