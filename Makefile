@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := output/tiny
 
-.PHONY: install test demo tiny-chain ablation tiny clean
+.PHONY: install test demo demo-backbones tiny-chain ablation tiny clean
 
 install: $(STAMP)
 
@@ -22,11 +22,15 @@ test: install
 tiny: install
 	$(PY) -m lavis_pformer.tiny --out $(TINY)
 
-# The shapes-world miniature of the paper's comparison (docs/demo.md), on the CPU, offline: a world, a small
-# LM trained and frozen, a pretrained frozen ViT, then three arms (BLIP-2 baseline, P-Former, P-Former + QA
-# term) through train.py / evaluate.py: stages 0, 1, 2, zero-shot VQA and captioning. Table in output/demo.
+# The shapes-world miniature of the paper's comparison (docs/demo.md), on the CPU, offline: three arms (BLIP-2
+# baseline, P-Former, P-Former + QA term) through train.py / evaluate.py, stages 0, 1, 2, zero-shot VQA and
+# captioning, on the committed frozen backbones. Table in output/demo/results.md.
 demo: install
 	$(PY) -m lavis_pformer.demo.pipeline --out output/demo
+
+# Rebuild the demo's frozen LM, ViT and starting BERT (lavis_pformer/demo/backbones, committed) from their recipe.
+demo-backbones: install
+	$(PY) -m lavis_pformer.demo.frozen_backbones --out lavis_pformer/demo/backbones --work output/demo-backbones
 
 # The tiny chain: stage 0 -> 1 -> 2 -> VQA + caption evaluation on random tiny backbones (a pipeline check).
 tiny-chain: tiny
@@ -36,8 +40,8 @@ tiny-chain: tiny
 	$(PY) evaluate.py --cfg-path projects/pformer/tiny/eval_vqa_opt.yaml
 	$(PY) evaluate.py --cfg-path projects/pformer/tiny/eval_caption_opt.yaml
 
-# The paper's Table-4 grid (w1, w2) for the P-Former arms over 3 seeds, on the demo's world, LM and ViT
-# (built first if missing). On a GPU machine: ABLATION_ARGS="--scale gpu --shared output/ablation/shared".
+# The paper's Table-4 grid (w1, w2) for the P-Former arms over 3 seeds, on the demo's world and backbones.
+# On a GPU machine: ABLATION_ARGS="--scale gpu --shared output/ablation/shared".
 ABLATION_ARGS ?= --shared output/demo
 ablation: install
 	$(PY) -m lavis_pformer.demo.pipeline --ablation --seeds 0,1,2 --out output/ablation $(ABLATION_ARGS)

@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="P-Former (decoupled language pre-training) for Salesforce LAVIS BLIP-2",
     packages=find_packages(include=["lavis_pformer", "lavis_pformer.*"]),
-    package_data={"lavis_pformer": ["configs/**/*.yaml", "configs/*/*.yaml"]},
+    # demo/backbones: the demo's frozen LM, ViT and starting BERT (make demo-backbones), a few MB
+    package_data={"lavis_pformer": ["configs/**/*.yaml", "configs/*/*.yaml", "demo/backbones/*",
+                                    "demo/backbones/*/*"]},
     python_requires=">=3.9",
     install_requires=[
         "salesforce-lavis==1.0.2",

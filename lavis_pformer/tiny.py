@@ -43,7 +43,9 @@ def _corpus(repeats=20):
     return lines
 
 
-def build_bert(out_dir, seed=0):
+def build_bert(out_dir, seed=0, **sizes):
+    """Tiny BERT (WordPiece vocabulary of characters + ``WORDS``); ``sizes`` override ``SIZES["bert"]`` and may
+    set any ``BertConfig`` key (e.g. ``hidden_dropout_prob``)."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
@@ -56,7 +58,7 @@ def build_bert(out_dir, seed=0):
     tokenizer = BertTokenizer(vocab_file, do_lower_case=True)
     tokenizer.save_pretrained(out_dir)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=128, **SIZES["bert"])
+    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=128, **{**SIZES["bert"], **sizes})
     BertForMaskedLM(config).save_pretrained(out_dir)
     return out_dir
 

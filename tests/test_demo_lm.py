@@ -66,7 +66,8 @@ def test_loss_decreases_and_report(trained):
     assert all(0.0 <= a <= 1.0 for a in acc.values())
     assert 0.0 <= saved["overall"] <= 1.0 and 0.0 <= saved["overall_excl_yesno"] <= 1.0
     assert saved["text_ceiling"]["questions"] == sum(v["questions"] for v in saved["text_ceiling"]["per_type"].values())
-    assert saved["text_ceiling"]["with_prefix"]["prefix_len"] == 4
+    context = saved["text_ceiling"]["context"]  # the caption before the bos, where the soft prompt goes
+    assert context["questions"] == saved["text_ceiling"]["questions"] and 0.0 <= context["overall"] <= 1.0
     assert saved["time_s"]["train"] > 0 and saved["sizes"]["parameters"] > 0
     assert any("step 30/30" in line for line in logs)
 
@@ -101,11 +102,17 @@ def test_fast_forward_matches_opt(trained):
 def test_answer_weights_and_batches(world, tmp_path):
     with open(os.path.join(world, "corpus.txt")) as f:
         lines = [line.rstrip("\n") for line in f][:40]
-    tokenizer, bpe = T.build_tokenizer(lines, str(tmp_path))
+    assert any(T.SEGMENT_SEP in line for line in lines) and any(T.SEGMENT_SEP not in line for line in lines)
+    segments = [seg for line in lines for seg in line.split(T.SEGMENT_SEP)]
+    tokenizer, bpe = T.build_tokenizer(segments, str(tmp_path))
     ids, weights = T.encode_corpus(lines, bpe, tokenizer)
+    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
     for line, seq, w in zip(lines, ids, weights):
-        assert seq == tokenizer(line + "\n").input_ids and len(w) == len(seq)
-        assert seq[-1] == tokenizer("\n", add_special_tokens=False).input_ids[0]
+        # every segment starts with the bos, as LAVIS tokenizes the text after a soft prompt; "\n" ends the line
+        *context, text = line.split(T.SEGMENT_SEP)
+        expected = [t for c in context for t in tokenizer(c).input_ids] + tokenizer(text + "\n").input_ids
+        assert seq == expected == T.encode_segments(tokenizer, line + "\n") and len(w) == len(seq)
+        assert seq[-1] == newline and seq.count(T.BOS_ID) == len(context) + 1
         weighted = tokenizer.decode([t for t, x in zip(seq, w) if x == T.ANSWER_WEIGHT]).split()
         answers = [m.group(1).strip() for m in T._ANSWER_RE.finditer(line)]
         assert weighted == answers

@@ -73,74 +73,149 @@ def test_loss_curve_parses_metric_logger_lines(tmp_path):
     assert report.loss_curve(str(log)) == [(0, 3.5), (6, 1.25)]
 
 
-def test_pipeline_end_to_end_at_smoke_scale(tmp_path):
-    out = tmp_path / "demo"
+def test_caption_metrics_read_colours_shapes_and_quadrants():
+    references = {1: "a red circle at the top left.", 2: "a blue square at the top right and a red circle at the "
+                  "bottom left.", 3: "a green triangle at the bottom right."}
+    predictions = [
+        {"image_id": 1, "caption": "a red circle at the top left"},                         # all right
+        {"image_id": 2, "caption": "a blue square at the bottom left and a red circle at the top right"},  # swapped
+        {"image_id": 3, "caption": "a green circle at the bottom right"},                   # wrong shape
+    ]
+    m = report.caption_metrics(predictions, references)
+    assert m == {"object_accuracy": pytest.approx(2 / 3), "scene_accuracy": pytest.approx(1 / 3), "distinct": 3,
+                 "images": 3}
+
+
+def test_probe_reads_what_features_hold_and_nothing_more():
+    import torch
+
+    from lavis_pformer.demo import probe
+
+    captions = ["a red circle at the top left.", "a blue square at the top right.",
+                "a green triangle at the bottom left and an orange circle at the bottom right.",
+                "a purple square at the top left, a yellow triangle at the top right and a red circle at the "
+                "bottom right."] * 30
+    colour, shape = probe.quadrant_targets(captions)
+    assert colour[3].tolist() == [5, 4, 0, 1] and shape[3].tolist() == [2, 3, 0, 1]  # 0 = empty quadrant
+    # features that hold the targets one-hot (plus noise) are read perfectly; pure noise is not
+    torch.manual_seed(0)
+    onehot = torch.cat([torch.nn.functional.one_hot(colour, 7).flatten(1), torch.nn.functional.one_hot(shape, 4)
+                        .flatten(1)], 1).float()
+    informative = onehot + 0.1 * torch.randn_like(onehot)
+    acc = probe.probe_accuracy(informative[:80], (colour[:80], shape[:80]), informative[80:], (colour[80:], shape[80:]))
+    assert acc == {"colour": 1.0, "shape": 1.0}
+    noise = torch.randn(120, 40)
+    acc = probe.probe_accuracy(noise[:80], (colour[:80], shape[:80]), noise[80:], (colour[80:], shape[80:]))
+    assert acc["colour"] < 0.8 and acc["shape"] < 0.8
+
+
+def _smoke(out, *extra):
     env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "lavis_pformer.demo.pipeline", "--smoke", "--out", str(out),
-         "--arms", "pformer_qa"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = json.loads((out / "results.json").read_text())
-    assert {"vqa_acc", "cider", "bleu4", "vqa_test", "caption_test"} <= set(results["pformer_qa"])
-    assert set(results["pformer_qa"]["vqa_test"]["per_type"]) == {"color", "shape", "count", "yesno"}
-    for name in ("results.md", "loss_curves.png", "arms.png", "chains.json"):
+    return subprocess.run([sys.executable, "-m", "lavis_pformer.demo.pipeline", "--smoke", "--out", str(out),
+                           "--arms", "pformer_qa", *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)
+
+
+def test_pipeline_end_to_end_at_smoke_scale_repeats_exactly(tmp_path):
+    """Two smoke runs (backbones built anew by each) write identical results.json; the report rebuilds alone."""
+    first, second = _smoke(tmp_path / "a"), _smoke(tmp_path / "b")
+    for proc in (first, second):
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = tmp_path / "a"
+    text = (out / "results.json").read_text()
+    assert text == (tmp_path / "b" / "results.json").read_text()
+    results = json.loads(text)
+    arm = results["pformer_qa"]
+    assert {"vqa_acc", "cider", "bleu4", "vqa_test", "caption_test", "vqa_acc_per_type", "caption_object_accuracy",
+            "probes"} <= set(arm)
+    assert set(arm["vqa_test"]["per_type"]) == {"color", "shape", "count", "yesno"}
+    assert set(arm["probes"]) == {"vit", "qformer", "prompt", "all_empty"}
+    assert arm["caption_objects"]["images"] == 16 and 1 <= arm["caption_objects"]["distinct"] <= 16
+    meta = results["_meta"]
+    assert set(meta["chance"]) >= {"color", "shape", "count", "yesno", "overall_excl_yesno"}
+    assert set(meta["backbones"]["files"]) >= {"vit.pth", "lm/config.json", "bert/config.json"}
+    for name in ("results.md", "loss_curves.png", "arms.png", "timings.json"):
         assert (out / name).stat().st_size > 0, name
-    for name in ("pformer_qa_stage0", "pformer_qa_stage1", "pformer_qa_stage2", "pformer_qa_eval_vqa",
-                 "pformer_qa_eval_caption"):
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings["runs"]) == {f"pformer_qa_{s}" for s in ("stage0", "stage1", "stage2", "eval_vqa",
+                                                                  "eval_caption")}
+    for name in timings["runs"]:
         assert (out / "configs" / f"{name}.yaml").exists(), name
-    assert "VQA test accuracy" in proc.stdout and "step report done" in proc.stdout
-    # the report can be rebuilt from the runs alone
-    again = subprocess.run(
-        [sys.executable, "-m", "lavis_pformer.demo.pipeline", "--smoke", "--out", str(out), "--arms", "pformer_qa",
-         "--report-only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    assert "VQA test, colour+shape+count" in first.stdout and "step report done" in first.stdout
+    again = _smoke(out, "--report-only")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["pformer_qa"]["vqa_acc"] == results["pformer_qa"]["vqa_acc"]
+    assert (out / "results.json").read_text() == text
+
+
+def test_committed_backbones_match_their_manifest_and_tampering_is_refused(tmp_path):
+    import shutil
+
+    from lavis_pformer.demo import frozen_backbones as fb
+
+    manifest = fb.verify(fb.COMMITTED, fb.RECIPE)
+    assert set(manifest["files"]) >= {"vit.pth", "lm/config.json", "lm/vocab.json", "bert/config.json"}
+    quality = manifest["quality"]
+    assert set(quality["lm_text_ceiling_val"]["caption_before_bos"]) == {"color", "shape", "count", "yesno"}
+    assert set(quality["vit_val_token_accuracy"]) >= {"colour", "shape", "quadrant"}
+    copy = tmp_path / "backbones"
+    shutil.copytree(fb.COMMITTED, copy)
+    with open(copy / "vit.pth", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(fb.BackbonesError, match="changed \\['vit.pth'\\].*make demo-backbones"):
+        fb.verify(str(copy))
+    (copy / "vit.pth").unlink()
+    with pytest.raises(fb.BackbonesError, match="missing \\['vit.pth'\\]"):
+        fb.verify(str(copy))
+    with pytest.raises(fb.BackbonesError, match="another recipe"):
+        fb.verify(fb.COMMITTED, dict(fb.RECIPE, seed=1))
 
 
 def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
-    """The grid's plan (which runs happen, with which weights), with the runs themselves replaced by records."""
+    """The grid's plan (which runs happen, with which weights and inputs), read from the configs it writes."""
+    import yaml
+
     from lavis_pformer.demo import pipeline
 
-    runs = []
-
-    def fake_prepare(out, seed, scale_name, steps, threads=None, world_seed=None, shared=None, scale=None):
-        ctx = {"out": out, "seed": seed, "scale": scale, "timings": {}, "world": "w", "lm": "lm", "bert": "b",
-               "vit": "v", "data": str(tmp_path), "runs": os.path.join(out, "runs"), "configs": out, "logs": out}
+    def fake_prepare(out, seed, scale, times, shared=None, rebuild=False):
+        out = str(out)
+        ctx = {"out": out, "seed": seed, "scale": scale, "recipe": scale["recipe"], "world": str(tmp_path),
+               "lm": "lm", "bert": "b", "vit": "v", "backbones": {}}
+        for key in ("configs", "logs", "runs", "data"):
+            ctx[key] = os.path.join(out, key)
+            os.makedirs(ctx[key], exist_ok=True)
         return ctx
 
-    def fake_run_lavis(ctx, script, name, cfg):
-        model = cfg["model"]
-        runs.append((ctx["seed"], name, model.get("alignment_weight"), model.get("pformer_checkpoint"),
-                     model.get("pretrained"), model.get("qa_weight")))
-        ctx["timings"][name] = 1.0
-        return f"/runs/seed{ctx['seed']}/{name}"
-
-    cells_seen = {}
+    ran, cells_seen = [], {}
     monkeypatch.setattr(pipeline, "prepare", fake_prepare)
-    monkeypatch.setattr(pipeline, "run_lavis", fake_run_lavis)
     monkeypatch.setattr(pipeline, "subset", lambda src, dst, n: dst)
+    monkeypatch.setattr(pipeline, "repeated_pairs", lambda world, data, repeat: "pairs.json")
+    monkeypatch.setattr(pipeline, "run_jobs", lambda jobs, parallel, threads: ran.extend(jobs) or {})
     monkeypatch.setattr(report, "chain_metrics", lambda ctx, chain: {"vqa_acc": chain["w1"] + chain["w2"]})
     monkeypatch.setattr(report, "write_ablation_report",
-                        lambda out, cells, seeds, times, scale: cells_seen.update(cells) or {"table": ""})
+                        lambda out, cells, seeds, scale: cells_seen.update(cells) or {"table": ""})
     pipeline.main(["--ablation", "--seeds", "0,1", "--out", str(tmp_path / "abl")])
 
+    names = {j.name for j in ran}
+    for job in ran:
+        assert set(job.after) <= names  # every dependency is a job of the plan
     for seed in (0, 1):
-        mine = [r for r in runs if r[0] == seed]
-        stage0 = [r for r in mine if r[1].endswith("_stage0")]
-        stage1 = [r for r in mine if r[1].endswith("_stage1")]
-        stage2 = [r for r in mine if r[1].endswith("_stage2")]
-        assert sorted(r[5] for r in stage0) == [0.0, 1.0]  # paper stage 0 and stage 0 + QA term
+        mine = {j.name.split("/", 1)[1]: yaml.safe_load(open(j.cfg_path)) for j in ran
+                if j.name.startswith(f"seed{seed}/")}
+        stage0 = {n: c for n, c in mine.items() if n.endswith("_stage0")}
+        stage1 = {n: c for n, c in mine.items() if n.endswith("_stage1")}
+        stage2 = {n: c for n, c in mine.items() if n.endswith("_stage2")}
+        assert sorted(c["model"]["qa_weight"] for c in stage0.values()) == [0.0, 1.0]
         # one stage-1 run without a teacher, one per teacher with w1 = 10
-        assert sorted((r[2], bool(r[3])) for r in stage1) == [(0, False), (10, True), (10, True)]
-        assert len(stage2) == 7 and sorted(r[2] for r in stage2) == [0, 0, 0, 100, 100, 100, 100]
-        for r in stage2:  # each stage 2 continues from the stage-1 run of its (teacher, w1)
-            w1 = int(r[1].split("_w")[1].split("_")[0])
-            source = r[4].split("/")[-2]
+        assert sorted((c["model"]["alignment_weight"], bool(c["model"]["pformer_checkpoint"]))
+                      for c in stage1.values()) == [(0, False), (10, True), (10, True)]
+        assert len(stage2) == 7 and sorted(c["model"]["alignment_weight"] for c in stage2.values()) == [0, 0, 0, 100,
+                                                                                                        100, 100, 100]
+        for name, c in stage2.items():  # each stage 2 continues from the stage-1 run of its (teacher, w1)
+            w1 = int(name.split("_w")[1].split("_")[0])
+            source = c["model"]["pretrained"].split(os.sep)[-3]
             assert source.endswith("_stage1") and (w1 == 0) == ("_w0_" in source)
-        assert len([r for r in mine if r[1].endswith("_eval_vqa")]) == 7
+            assert mine[source]["model"]["cross_attention_freq"] == c["model"]["cross_attention_freq"]
+        assert len([n for n in mine if n.endswith("_eval_vqa")]) == 7
     assert set(cells_seen) == {(v, w1, w2) for v in ("pformer", "pformer_qa") for w1, w2 in pipeline.GRID}
     assert all(len(v) == 2 for v in cells_seen.values())  # one entry per seed
     assert cells_seen[("pformer_qa", 10, 100)][0]["vqa_acc"] == 110

@@ -22,15 +22,19 @@ def pretrained(tmp_path_factory):
     return root, out, report, logs
 
 
-def test_quadrant_pooling_follows_the_world_reading_order():
-    heads = V.QuadrantHeads(width=4, grid=4)
-    # token of patch (row, col) = one-hot of the quadrant it lies in (top left, top right, bottom left, bottom right)
-    tokens = torch.zeros(1, 17, 4)
-    for i in range(16):
-        row, col = divmod(i, 4)
-        tokens[0, 1 + i, (row >= 2) * 2 + (col >= 2)] = 1.0
-    pooled = torch.einsum("qp,bpd->bqd", heads.pool, tokens[:, 1:])
-    assert torch.allclose(pooled[0], torch.eye(4))
+def test_token_quadrants_follow_the_world_reading_order():
+    # a 4x4 grid of patches: rows 0-1 are the top quadrants, columns 0-1 the left ones
+    assert V.token_quadrants(4).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert V.token_quadrants(2).tolist() == [0, 1, 2, 3]  # patch 16 on 32 px: one token per quadrant
+
+
+def test_token_targets_give_each_token_its_quadrant_contents():
+    colour, shape = V.quadrant_labels([{"objects": [[1, "green", "square"]]}])
+    tc, ts, tq = V.token_targets(colour, shape, V.token_quadrants(4))
+    top_right = V.token_quadrants(4) == 1
+    assert (tc[0, top_right] == V.COLOUR_IDS["green"]).all() and (tc[0, ~top_right] == 0).all()
+    assert (ts[0, top_right] == V.SHAPE_IDS["square"]).all() and (ts[0, ~top_right] == 0).all()
+    assert tq.tolist() == [V.token_quadrants(4).tolist()]
 
 
 def test_quadrant_labels():
@@ -46,8 +50,8 @@ def test_pretraining_writes_a_vit_that_custom_vit_loads(pretrained):
     history = saved["loss_history"]
     assert [h["step"] for h in history] == [10, 20, 30, 40]
     assert history[-1]["loss"] < history[0]["loss"]
-    acc = saved["val_quadrant_accuracy"]
-    assert set(acc) == {"colour", "shape", "both"} and all(0.0 <= a <= 1.0 for a in acc.values())
+    acc = saved["val_token_accuracy"]
+    assert set(acc) == {"colour", "shape", "both", "quadrant"} and all(0.0 <= a <= 1.0 for a in acc.values())
     assert acc["both"] <= min(acc["colour"], acc["shape"])
     vit = custom_vit(32, dict(VIT, checkpoint=out))  # strict load of the saved state dict
     state = torch.load(out, weights_only=True)

@@ -136,11 +136,11 @@ def test_scene_key_split_is_disjoint_and_complete():
     assert sum(map(len, sets.values())) == sum(len(v) for v in sw.all_scene_keys().values()) == 21492
 
 
-def test_corpus_qa_triples_sentences(worlds):
+def test_corpus_qa_triples_sentences(worlds, tmp_path):
     paths = worlds["a"]
     corpus, sentences = _lines(paths, "corpus"), _lines(paths, "sentences")
     assert len(corpus) == len(sentences) == 200
-    with_qa = [line for line in corpus if " Question: " in line]
+    with_qa = [line for line in corpus if "Question: " in line]
     assert 0.8 <= len(with_qa) / len(corpus) <= 0.97
     pair = re.compile(r"Question: ([a-z ]+\?) Short answer: (\w+)$")  # one pair per line; the answer ends it
     triples = [json.loads(line) for line in _lines(paths, "qa_triples")]
@@ -149,8 +149,23 @@ def test_corpus_qa_triples_sentences(worlds):
         assert set(t) == {"caption", "question", "answer", "question_type"}
         assert t["answer"] in sw.ANSWERS[t["question_type"]]
         assert _answer(t["caption"], t["question"], t["question_type"]) == t["answer"]
+    # a line is "<caption>[ <QA pair>]", or that text after a context segment "<caption></s>", or a context
+    # segment followed by the QA pair alone; the QA pair is always about the line's caption
+    contexts = 0
     for line, sentence in zip(corpus, sentences):
-        assert line.startswith(sentence)
+        segments = line.split(sw.SEGMENT_SEP)
+        assert len(segments) in (1, 2) and segments[0].startswith(sentence)
+        if len(segments) == 2:
+            contexts += 1
+            assert segments[0] == sentence
+            assert segments[1].startswith(sentence) or segments[1].startswith("Question: ")
+    assert 0.35 <= contexts / len(corpus) <= 0.65  # context_fraction 0.5
+    plain = sw.generate(str(tmp_path), seed=0, context_fraction=0.0, **SMALL)
+    assert _lines(plain, "sentences") == sentences and _lines(plain, "qa_triples") == _lines(paths, "qa_triples")
+    for line, line_without_context in zip(corpus, _lines(plain, "corpus")):  # the context changes nothing else
+        last = line.split(sw.SEGMENT_SEP)[-1]
+        assert last == line_without_context or (last.startswith("Question: ")
+                                                and line_without_context.endswith(" " + last))
 
 
 def _answer(cap, question, qtype):

@@ -49,7 +49,12 @@ Files under ``--out`` (paths in JSON files are relative to it)
 - ``corpus.txt``: one text per line (default 40k): a caption, followed in ``qa_fraction`` of the
   lines by one question-answer pair in the evaluation format, e.g.
   ``a red circle at the top left. Question: what color is the circle? Short answer: red``: the answer
-  ends the text, as it ends BLIP-2 OPT's generation (at ``"\\n"``) at evaluation. (LAVIS's
+  ends the text, as it ends BLIP-2 OPT's generation (at ``"\\n"``) at evaluation.
+  In ``context_fraction`` of the lines (default half) a context segment comes first: the caption,
+  ``</s>``, then the line again or its question-answer pair alone, e.g.
+  ``a red circle at the top left.</s>Question: what color is the circle? Short answer: red``. The
+  frozen LM learns from these to read text that stands before its bos, where BLIP-2 puts the soft
+  prompt (a pretrained OPT has that skill; a corpus of single captions would not teach it). (LAVIS's
   ``blip_caption`` processor strips "." and ":"; load the corpus with a processor that keeps them if
   the LM must see the exact evaluation prompt.)
 - ``qa_triples.jsonl``: ``{"caption", "question", "answer", "question_type"}`` for every pair in the
@@ -99,6 +104,7 @@ EVAL_SPLITS = ("val", "test")
 # keys held out per eval split, by object count: an int is a number of keys, a float a share
 HELD_OUT = {1: 6, 2: 0.05, 3: 0.03}
 QA_FORMAT = "Question: {question} Short answer: {answer}"
+SEGMENT_SEP = "</s>"  # OPT's bos / eos: separates a corpus line's context segment from the text after it
 
 _CELL = IMAGE_SIZE // 2
 
@@ -187,6 +193,24 @@ def render(key, rng):
         else:
             draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
     return img
+
+
+def _with_context(lines, fraction, rng):
+    """``fraction`` of the corpus lines get a context segment: ``caption </s> text about it``.
+
+    The text after the separator is the whole line (the scene described again) or, for lines with a
+    question, the question-answer pair alone. A language model trained on such lines reads what stands
+    before its ``</s>`` (bos), which is where BLIP-2 puts the soft prompt.
+    """
+    out = []
+    for line in lines:
+        if rng.random() >= fraction:
+            out.append(line)
+            continue
+        cap, sep, qa = line.partition(" Question: ")
+        second = "Question: " + qa if sep and rng.random() < 0.5 else line
+        out.append(cap + SEGMENT_SEP + second)
+    return out
 
 
 def _split_keys(seed):
@@ -299,14 +323,15 @@ def _write_split_images(out_dir, split, records, images):
 
 
 def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=40000, qa_fraction=0.9,
-             n_vision=4000):
+             n_vision=4000, context_fraction=0.5):
     """Write the shapes world under ``out_dir``; returns {name: absolute path}."""
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     for name, n in list(sizes.items()) + [("corpus", n_corpus), ("vision", n_vision)]:
         if not isinstance(n, int) or n < (0 if name in ("corpus", "vision") else 1):
             raise ValueError(f"n_{name} must be an int >= {0 if name in ('corpus', 'vision') else 1}, got {n!r}")
-    if not 0.0 <= qa_fraction <= 1.0:
-        raise ValueError(f"qa_fraction must be in [0, 1], got {qa_fraction}")
+    for name, value in (("qa_fraction", qa_fraction), ("context_fraction", context_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     pools = _split_keys(seed)
@@ -378,13 +403,14 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
         question, answer = make_question(key, qtype, rng)
         triples.append(json.dumps({"caption": cap, "question": question, "answer": answer, "question_type": qtype}))
         corpus.append(cap + " " + QA_FORMAT.format(question=question, answer=answer))
+    corpus = _with_context(corpus, context_fraction, random.Random(f"shapes-world/{seed}/context"))
     _write_lines(p("corpus.txt"), corpus)
     _write_lines(p("sentences.txt"), sentences)
     _write_lines(p("qa_triples.jsonl"), triples)
 
     words = set()
     for line in corpus:
-        words.update(line.replace(",", " ").replace(".", " ").replace("?", " ").replace(":", " ").split())
+        words.update(line.replace(SEGMENT_SEP, " ").replace(",", " ").replace(".", " ").replace("?", " ").replace(":", " ").split())
     world = {
         "name": "shapes_world",
         "seed": seed,
@@ -398,6 +424,7 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
         "answers": ANSWERS,
         "qa_format": QA_FORMAT,
         "qa_fraction": qa_fraction,
+        "context_fraction": context_fraction,
         "splits": dict(sizes),
         "n_vision": n_vision,
         "counts": {
@@ -407,7 +434,8 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
                 for s, qs in all_questions.items()
             },
             "corpus_lines": len(corpus),
-            "corpus_lines_with_qa": sum(" Question: " in line for line in corpus),
+            "corpus_lines_with_qa": sum("Question: " in line for line in corpus),
+            "corpus_lines_with_context": sum(SEGMENT_SEP in line for line in corpus),
             "qa_triples": len(triples),
             "sentences": len(sentences),
             "scene_keys": {
@@ -435,10 +463,12 @@ def main(argv=None):
     ap.add_argument("--n-vision", type=int, default=4000, help="unpaired images for the image encoder (default 4000)")
     ap.add_argument("--qa-fraction", type=float, default=0.9,
                     help="share of corpus lines carrying question-answer pairs (default 0.9)")
+    ap.add_argument("--context-fraction", type=float, default=0.5,
+                    help="share of corpus lines with a context segment before </s> (default 0.5)")
     args = ap.parse_args(argv)
     paths = generate(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                      n_test=args.n_test, n_corpus=args.n_corpus, qa_fraction=args.qa_fraction,
-                     n_vision=args.n_vision)
+                     n_vision=args.n_vision, context_fraction=args.context_fraction)
     with open(paths["world"], encoding="utf-8") as f:
         world = json.load(f)
     print(json.dumps({"out": paths["root"], "splits": world["splits"],

@@ -21,7 +21,8 @@ byte-level BPE trained on the world's ``corpus.txt``, and a ``transformers`` ``O
 
 Training
 --------
-- Texts: each corpus line, as ``</s>`` + line + ``"\\n"``; next-token cross-entropy on every text token,
+- Texts: each corpus line, as ``</s>`` + line + ``"\\n"`` (a line with a context segment,
+  ``context</s>text``, as ``</s>`` + context + ``</s>`` + text + ``"\\n"``); next-token cross-entropy on every token,
   answer tokens (the words after ``"Short answer:"``, up to ``"."`` or the end of the line) weighted x3.
 - Position offsets: at use time BLIP-2 puts Q soft-prompt vectors before the text, so the text sits at
   positions Q..Q+T of OPT's learned absolute position embedding. Every training text therefore starts
@@ -41,9 +42,9 @@ For each question of the world's val split, ``"<caption> Question: <q> Short ans
 of its image from captions_val.json) is fed to the saved model (loaded through LAVIS), greedy, at most
 3 new tokens, ``"\\n"`` ends the answer. The prediction is the generated text up to the first ``"\\n"``
 or ``"."``, stripped. Accuracy per question type (color, shape, count, yesno), overall, overall without
-yes/no, the share of predictions inside their type's answer set (``on_type``), and the same with a
-dummy prefix of ``max_offset`` random token embeddings before the text (``with_prefix``: checks that
-the text still works at the positions it occupies after a soft prompt).
+yes/no, the share of predictions inside their type's answer set (``on_type``), and the same with the
+caption as a context segment before the bos (``context``: ``"<caption></s>Question: <q> Short answer:"``,
+the layout the image side produces, its soft prompt standing where the caption stands here).
 """
 import argparse
 import json
@@ -56,12 +57,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lavis_pformer.demo.shapes_world import SEGMENT_SEP
+
 Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (DEMO_NOTES: Q=8)
 QUESTION_TYPES = ("color", "shape", "count", "yesno")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos = eos), <unk>=3
 PAD_ID, BOS_ID = 1, 2
 ANSWER_WEIGHT = 3.0
 EVAL_PROMPT = "{caption} Question: {question} Short answer:"
+# the caption as a context segment before the bos, where the image side puts its soft prompt
+CONTEXT_PROMPT = "{caption}" + SEGMENT_SEP + "Question: {question} Short answer:"
 _ANSWER_RE = re.compile(r"Short answer:( [^.\n]*)")
 
 
@@ -93,25 +98,33 @@ def build_tokenizer(lines, out_dir, vocab_size=800):
 
 
 def encode_corpus(lines, bpe, tokenizer, check=64, answer_weight=ANSWER_WEIGHT):
-    """Token ids (``</s>`` + line + ``"\\n"``) and per-token loss weights of every line.
+    """Token ids and per-token loss weights of every line: ``</s>`` + segment for each of the line's
+    ``</s>``-separated segments, then ``"\\n"`` (a line without a separator is one segment).
 
     The weight of token i is the weight of predicting it (``answer_weight`` for answer tokens, else 1);
-    the first ``check`` lines are also encoded with the slow tokenizer, which must agree.
+    the segments of the first ``check`` lines are also encoded with the slow tokenizer, which must agree.
     """
-    texts = [line + "\n" for line in lines]
-    encodings = bpe.encode_batch(texts)
+    segments = [line.split(SEGMENT_SEP) for line in lines]
+    texts = [seg + ("\n" if i == len(segs) - 1 else "") for segs in segments for i, seg in enumerate(segs)]
+    encodings = iter(bpe.encode_batch(texts))
+    pieces = iter(texts)
     ids, weights = [], []
-    for text, enc in zip(texts, encodings):
-        spans = [(m.start(1), m.end(1)) for m in _ANSWER_RE.finditer(text)]
-        w = [1.0]  # the bos (never a target)
-        for start, end in enc.offsets:
-            w.append(answer_weight if any(start < e and end > s for s, e in spans) else 1.0)
-        ids.append([BOS_ID] + enc.ids)
-        weights.append(w)
-    for text, tok_ids in zip(texts[:check], ids[:check]):
+    for segs in segments:
+        line_ids, line_weights = [], []
+        for _ in segs:
+            text, enc = next(pieces), next(encodings)
+            spans = [(m.start(1), m.end(1)) for m in _ANSWER_RE.finditer(text)]
+            line_weights.append(1.0)  # the bos: never a target in the first segment, predicted after a context
+            for start, end in enc.offsets:
+                line_weights.append(answer_weight if any(start < e and end > s for s, e in spans) else 1.0)
+            line_ids += [BOS_ID] + enc.ids
+        ids.append(line_ids)
+        weights.append(line_weights)
+    for text in texts[:check]:
         slow = tokenizer(text).input_ids
-        if slow != tok_ids:
-            raise AssertionError(f"fast and slow tokenizers disagree on {text!r}: {tok_ids} vs {slow}")
+        fast = [BOS_ID] + bpe.encode(text).ids
+        if slow != fast:
+            raise AssertionError(f"fast and slow tokenizers disagree on {text!r}: {fast} vs {slow}")
     return ids, weights
 
 
@@ -248,6 +261,7 @@ def _load_split(world_dir, split):
         captions = {str(r["image_id"]): r["caption"] for r in json.load(f)}
     return [
         {"prompt": EVAL_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
+         "context_prompt": CONTEXT_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
          "answer": q["answer"][0] if isinstance(q["answer"], list) else q["answer"],
          "question_type": q["question_type"]}
         for q in questions
@@ -263,7 +277,7 @@ def quick_accuracy(model, tokenizer, items, batch_size=256):
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            enc = [tokenizer(it["prompt"]).input_ids for it in chunk]
+            enc = [encode_segments(tokenizer, it["prompt"]) for it in chunk]
             T = max(len(e) for e in enc)
             inp = torch.full((len(chunk), T), PAD_ID, dtype=torch.long)
             select = torch.zeros((len(chunk), T), dtype=torch.bool)
@@ -287,38 +301,32 @@ def clean_answer(text):
     return text.split("\n")[0].split(".")[0].strip()
 
 
-@torch.no_grad()
-def answer_questions(model, tokenizer, prompts, prefix_len=0, batch_size=128, max_new_tokens=3, seed=0):
-    """Greedy answers (LAVIS-style ``generate``: left padding, ``"\\n"`` ends) for text prompts.
+def encode_segments(tokenizer, text):
+    """Token ids of ``text`` as the LM was trained on it: bos + ids of each ``</s>``-separated segment."""
+    ids = []
+    for segment in text.split(SEGMENT_SEP):
+        ids += [tokenizer.bos_token_id] + tokenizer(segment, add_special_tokens=False).input_ids
+    return ids
 
-    ``prefix_len`` > 0 puts that many random token embeddings before each prompt (as ``query_embeds``,
-    where BLIP-2 puts its soft prompt); ``model`` must then be LAVIS's OPTForCausalLM.
-    """
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, prompts, batch_size=128, max_new_tokens=3):
+    """Greedy answers (LAVIS-style ``generate``: left padding, ``"\\n"`` ends) for text prompts."""
     newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
-    gen = torch.Generator().manual_seed(seed)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            tokens = tokenizer(chunk, return_tensors="pt", padding=True)
-            kwargs = {}
-            attention_mask = tokens.attention_mask
-            if prefix_len:
-                ids = torch.randint(len(SPECIAL_TOKENS), model.config.vocab_size, (len(chunk), prefix_len),
-                                    generator=gen)
-                kwargs["query_embeds"] = model.get_input_embeddings()(ids)
-                attention_mask = torch.cat([torch.ones(len(chunk), prefix_len, dtype=torch.long), attention_mask], 1)
-            out = model.generate(
-                input_ids=tokens.input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
-                max_new_tokens=max_new_tokens, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id,
-                **kwargs,
-            )
-            texts = tokenizer.batch_decode(out[:, tokens.input_ids.shape[1] :], skip_special_tokens=True)
-            answers += [clean_answer(t) for t in texts]
-    finally:
-        tokenizer.padding_side = old_side
+    for start in range(0, len(prompts), batch_size):
+        rows = [encode_segments(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            attention_mask[i, width - len(r):] = 1
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id,
+        )
+        answers += [clean_answer(t) for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
     return answers
 
 
@@ -344,8 +352,9 @@ def score(items, predictions, answer_sets=None):
     return out
 
 
-def evaluate_text_ceiling(out_dir, world_dir, split="val", prefix_len=0, seed=0):
-    """Load the saved LM through LAVIS and answer ``split``'s questions from the caption text."""
+def evaluate_text_ceiling(out_dir, world_dir, split="val"):
+    """Load the saved LM through LAVIS and answer ``split``'s questions from the caption text, with the caption
+    in the question's segment and (``context``) as a context segment before the bos."""
     from transformers import AutoTokenizer
 
     from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
@@ -358,13 +367,10 @@ def evaluate_text_ceiling(out_dir, world_dir, split="val", prefix_len=0, seed=0)
     if os.path.exists(world_path):
         with open(world_path, encoding="utf-8") as f:
             answer_sets = {t: set(a) for t, a in json.load(f).get("answers", {}).items()}
-    prompts = [it["prompt"] for it in items]
-    result = score(items, answer_questions(model, tokenizer, prompts), answer_sets)
+    result = score(items, answer_questions(model, tokenizer, [it["prompt"] for it in items]), answer_sets)
     result["split"] = split
-    if prefix_len:
-        result["with_prefix"] = score(items, answer_questions(model, tokenizer, prompts, prefix_len, seed=seed),
-                                      answer_sets)
-        result["with_prefix"]["prefix_len"] = prefix_len
+    result["context"] = score(items, answer_questions(model, tokenizer, [it["context_prompt"] for it in items]),
+                              answer_sets)
     return result
 
 
@@ -393,7 +399,8 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
             lines = [line.rstrip("\n") for line in f if line.strip()]
         if not lines:
             raise ValueError(f"{world_dir}/corpus.txt is empty")
-        tokenizer, bpe = build_tokenizer(lines, out_dir, vocab_size=vocab_size)
+        segments = [segment for line in lines for segment in line.split(SEGMENT_SEP)]
+        tokenizer, bpe = build_tokenizer(segments, out_dir, vocab_size=vocab_size)
         ids, weights = encode_corpus(lines, bpe, tokenizer, answer_weight=answer_weight)
         vocab = len(tokenizer)
         lengths = [len(x) for x in ids]
@@ -456,7 +463,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         tokenizer.save_pretrained(out_dir)
 
         t1 = time.time()
-        result = evaluate_text_ceiling(out_dir, world_dir, eval_split, prefix_len=max_offset, seed=seed)
+        result = evaluate_text_ceiling(out_dir, world_dir, eval_split)
         t_eval = time.time() - t1
         chance = None
         world_path = os.path.join(world_dir, "world.json")
@@ -493,7 +500,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
             json.dump(report, f, indent=1)
         acc = " ".join(f"{t} {a:.3f}" for t, a in report["accuracy"].items())
         log(f"[train_lm] text ceiling ({eval_split}): {acc} overall {report['overall']:.3f}; "
-            f"with a {max_offset}-token prefix: overall {result.get('with_prefix', {}).get('overall', float('nan')):.3f}; "
+            f"with the caption before the bos: overall {result['context']['overall']:.3f}; "
             f"train {t_train:.1f}s, total {report['time_s']['total']:.1f}s")
         return report
     finally:
