@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from lavis_pformer.demo.shapes_world import SEGMENT_SEP
 
-Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (DEMO_NOTES: Q=8)
+Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (pipeline SCALES["cpu"]["num_query_token"])
 QUESTION_TYPES = ("color", "shape", "count", "yesno")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos = eos), <unk>=3
 PAD_ID, BOS_ID = 1, 2
