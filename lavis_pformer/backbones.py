@@ -35,6 +35,7 @@ from lavis.models.eva_vit import VisionTransformer
 from transformers import BertTokenizer
 
 from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError, SetupError
+from lavis_pformer.precision import LOW_PRECISION, cpu_autocast
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -344,6 +345,18 @@ class BackboneMixin:
         if precision == "fp16":
             vit = vit.half()
         return vit, LayerNorm(vit.num_features)
+
+    def maybe_autocast(self, dtype=torch.float16):
+        """LAVIS: CUDA autocast on a GPU, nothing on the CPU, so that a model with fp16 / bf16 backbones cannot run
+        on a CPU at all (fp32 images meet fp16 ViT weights). Here, on the CPU, the same sections run under CPU
+        autocast with the same dtype (:func:`~lavis_pformer.precision.cpu_autocast`) when a backbone holds fp16 /
+        bf16 weights: the closest check of the GPU precisions that a CPU allows. fp32 models on the CPU are
+        unchanged (no autocast); GPUs: LAVIS's own."""
+        if self.device.type != "cpu":
+            return super().maybe_autocast(dtype)
+        if any(p.dtype in LOW_PRECISION for p in self.parameters()):
+            return cpu_autocast(dtype)
+        return contextlib.nullcontext()
 
     def _lavis_vit_weights(self, model_name):
         """The local weights file of LAVIS's ``eva_clip_g`` / ``clip_L``: ``vit_config.checkpoint``; offline without
