@@ -220,7 +220,7 @@ class RunnerPFormer(RunnerBase):
         scratch.mkdir()
         self.output_dir = scratch
         try:
-            super()._save_checkpoint(cur_epoch, is_best=is_best)
+            self._write_checkpoint(cur_epoch, is_best=is_best)
             if rng is not None:
                 torch.save(rng, scratch / (name[: -len(".pth")] + RNG_SUFFIX))
         except BaseException:
@@ -236,6 +236,10 @@ class RunnerPFormer(RunnerBase):
         export = getattr(self.unwrap_dist_model(self.model), "export_checkpoint", None)
         if export is not None:
             logging.info("Exported %s", export(str(final_dir)))
+
+    def _write_checkpoint(self, cur_epoch, is_best=False):
+        """Write the checkpoint file into ``self.output_dir`` (here LAVIS's RunnerBase._save_checkpoint)."""
+        RunnerBase._save_checkpoint(self, cur_epoch, is_best=is_best)
 
     def _load_checkpoint(self, url_or_filename):
         """LAVIS's resume (model strict, optimizer, scaler, start epoch) with clear errors, then the RNG
