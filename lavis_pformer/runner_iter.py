@@ -127,6 +127,10 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
     """
 
     def __init__(self, cfg, task, model, datasets, job_id):
+        if cfg.run_cfg.get("train_dataset_ratios", None) is not None:
+            # RunnerIter.dataloaders reads a local variable before setting it on that path (UnboundLocalError).
+            raise ConfigError("run.train_dataset_ratios is not supported by runner_iter_pformer (LAVIS's runner_iter "
+                              "fails with it); remove it: the training datasets are then concatenated")
         max_iters = _positive_int(cfg.run_cfg, "max_iters")
         per_inner = _positive_int(cfg.run_cfg, "iters_per_inner_epoch")
         if max_iters % per_inner:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+from array import array
 
 import numpy as np
 
@@ -33,23 +34,23 @@ _CHUNK_CHARS = 1 << 22
 
 
 class _Column:
-    """Strings appended as UTF-8 into one growing buffer, with their start offsets."""
+    """Strings appended as UTF-8 into one growing buffer, with their start offsets (8 bytes each while building)."""
 
     def __init__(self):
         self.data = bytearray()
-        self.starts = []
+        self.starts = array("q")
 
     def append(self, text):
         self.starts.append(len(self.data))
         self.data += text.encode("utf-8")
 
     def freeze(self):
-        """(buffer uint8, offsets [n + 1]) as compact numpy arrays; releases the growing buffers."""
-        ends = self.starts + [len(self.data)]
+        """(buffer uint8, offsets [n + 1]) as numpy arrays; the buffer is the bytearray itself (no copy)."""
+        self.starts.append(len(self.data))
         dtype = np.uint32 if len(self.data) < 2 ** 32 else np.int64
-        offsets = np.array(ends, dtype=dtype)
-        buffer = np.frombuffer(bytes(self.data), dtype=np.uint8)
-        self.data, self.starts = bytearray(), []
+        offsets = np.frombuffer(self.starts, dtype=np.int64).astype(dtype)
+        buffer = np.frombuffer(self.data, dtype=np.uint8) if self.data else np.zeros(0, dtype=np.uint8)
+        self.data, self.starts = None, None
         return buffer, offsets
 
 
@@ -144,15 +145,27 @@ def _digest(value):
     return hashlib.blake2b(json.dumps(value).encode("utf-8"), digest_size=16).digest()
 
 
-def _first_appearance_index(digests, n):
-    """Dense index of each record's value, numbered by first appearance, from 16-byte digests."""
+def _groups(digests, n):
+    """Records with equal 16-byte digests form a group; groups are numbered by their first record.
+
+    Returns (group of each record, int32 [n]; first record of each group, ascending). Two stable numeric sorts,
+    no Python object per record.
+    """
     if n == 0:
-        return np.zeros(0, dtype=np.int32), 0
-    keys = np.frombuffer(bytes(digests), dtype="V16")
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse.reshape(-1)].astype(np.int32), len(first)
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    words = np.frombuffer(digests, dtype=np.uint64).reshape(n, 2)
+    order = np.lexsort((words[:, 1], words[:, 0]))  # stable: equal digests stay in record order
+    ordered = words[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    del ordered
+    group_in_order = np.cumsum(starts) - 1
+    first = order[starts]  # the smallest record index of each group (stable sort)
+    number = np.empty(len(first), dtype=np.int64)
+    number[np.argsort(first, kind="stable")] = np.arange(len(first))
+    groups = np.empty(n, dtype=np.int32)
+    groups[order] = number[group_in_order]
+    return groups, np.sort(first)
 
 
 class CompactCaptions:
@@ -183,12 +196,11 @@ class CompactCaptions:
         self.image_buffer, self.image_offsets = images.freeze()
         self.caption_buffer, self.caption_offsets = captions.freeze()
         n = len(self.image_offsets) - 1
-        self.image_index, self.num_images = _first_appearance_index(id_digests, n)
-        del id_digests
-        # distinct image files (for the image check): the first record of each
-        keys = np.frombuffer(bytes(path_digests), dtype="V16") if n else np.zeros(0, dtype="V16")
-        _, first = np.unique(keys, return_index=True)
-        self._first_of_each_file = np.sort(first).astype(np.int64)
+        self.image_index, first_of_each_id = _groups(id_digests, n)
+        self.num_images = len(first_of_each_id)
+        del id_digests, first_of_each_id
+        # distinct image files (for the builder's image check): the first record of each
+        self._first_of_each_file = _groups(path_digests, n)[1]
 
     def __len__(self):
         return len(self.image_offsets) - 1
