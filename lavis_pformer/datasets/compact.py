@@ -142,7 +142,14 @@ def annotation_records(path, key):
 
 
 def _digest(value):
-    return hashlib.blake2b(json.dumps(value).encode("utf-8"), digest_size=16).digest()
+    """16 bytes that identify a JSON value (its type and content)."""
+    if isinstance(value, str):
+        data = b"s" + value.encode("utf-8")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        data = b"i%d" % value
+    else:
+        data = b"j" + json.dumps(value, sort_keys=True).encode("utf-8")
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _groups(digests, n):
