@@ -1,7 +1,9 @@
 """What the alignment loss costs per training step: the plugin's stage-1/2 models vs LAVIS's own classes.
 
 Stage 2: ``blip2_opt_pformer`` (alignment_weight 100, with its frozen P-Former teacher) vs LAVIS's
-``Blip2OPT``; stage 1: ``blip2_qformer_pformer`` (w = 10) vs LAVIS's ``Blip2Qformer``. The stock model is
+``Blip2OPT``; stage 2t5: ``blip2_t5_pformer`` (w = 100, a P-Former for the T5) vs LAVIS's ``Blip2T5``, both fed
+the same prefix / suffix split of each caption; stage 1: ``blip2_qformer_pformer`` (w = 10) vs LAVIS's
+``Blip2Qformer``. The stock model is
 LAVIS's class with only its hard-coded backbones redirected (as in tests/test_stage12_models.py); it gets
 the plugin model's weights (``load_state_dict`` of the plugin model's state dict) and shares its frozen
 ViT and LLM objects, so both run the same weights on the same batch. One step = zero_grad, forward (under
@@ -12,6 +14,7 @@ difference comes from.
 
     python bench/bench_train_step.py                      # tiny, CPU
     python bench/bench_train_step.py --device cuda        # paper sizes, amp
+    python bench/bench_train_step.py --stages 2t5         # the Flan-T5 twin of stage 2
 """
 import argparse
 import gc
@@ -28,6 +31,7 @@ SCRIPT = "bench_train_step"
 STAGES = {
     "2": dict(name="stage 2", ours="blip2_opt_pformer", weight=100.0, lavis="Blip2OPT"),
     "1": dict(name="stage 1", ours="blip2_qformer_pformer", weight=10.0, lavis="Blip2Qformer"),
+    "2t5": dict(name="stage 2 (Flan-T5)", ours="blip2_t5_pformer", weight=100.0, lavis="Blip2T5"),
 }
 
 
@@ -39,6 +43,12 @@ def build_pair(stage, sizes, teacher):
 
         cfg = C.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher)
         extra = dict(opt_model=sizes["opt"])
+    elif stage == "2t5":
+        from lavis.models.blip2_models.blip2_t5 import Blip2T5 as lavis_cls
+
+        cfg = C.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
+                          t5_model=sizes["t5"])
+        extra = dict(t5_model=sizes["t5"])
     else:
         from lavis.models.blip2_models.blip2_qformer import Blip2Qformer as lavis_cls
 
@@ -54,6 +64,11 @@ def build_pair(stage, sizes, teacher):
     msg = stock.load_state_dict(weights, strict=False)
     if stage == "2":
         stock.opt_model = ours.opt_model  # the same frozen LLM object (one copy in memory)
+        assert not msg.unexpected_keys, msg.unexpected_keys
+    elif stage == "2t5":
+        # The same frozen T5 object; LAVIS's Blip2T5 constructor cast it to bf16 in place: back to llm_precision.
+        ours.t5_model = ours.cast_llm(ours.t5_model, sizes["llm_precision"])
+        stock.t5_model = ours.t5_model
         assert not msg.unexpected_keys, msg.unexpected_keys
     else:
         assert sorted(msg.unexpected_keys) == ["llm_proj.bias", "llm_proj.weight"], msg.unexpected_keys
@@ -96,6 +111,10 @@ def bench_stage(stage, sizes, teacher, args):
     stock.to(args.device)
     samples = {"image": C.images(args.batch, sizes["image_size"], args.device),
                "text_input": C.captions(args.batch)}
+    if stage == "2t5":  # the same prefix / suffix split for both models (LAVIS's Blip2T5 needs text_output)
+        words = [c.split() for c in samples["text_input"]]
+        samples = dict(samples, text_input=[" ".join(w[: len(w) // 2]) for w in words],
+                       text_output=[" ".join(w[len(w) // 2:]) for w in words])
     step_ours, opt_ours = make_step(ours, samples, args.amp)
     step_stock, opt_stock = make_step(stock, samples, args.amp)
 
@@ -175,7 +194,7 @@ NOTES = [
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
-    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT) and/or 1 (Q-Former)")
+    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
     args = C.finish_args(parser.parse_args(argv))
     C.quiet()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -187,11 +206,17 @@ def main(argv=None):
     try:
         with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
             sizes = C.resolve_sizes(args, work)
-            teacher = C.make_teacher(sizes, work)
+            teachers = {}
+            if {"1", "2"} & set(stages):
+                teachers["1"] = teachers["2"] = C.make_teacher(sizes, work)
+            if "2t5" in stages:
+                C.add_t5(sizes, args, work)
+                teachers["2t5"] = C.make_teacher(sizes, work, llm_name=sizes["t5"],
+                                                 llm_hidden_size=sizes["t5_hidden_size"], filename="pformer_t5.pth")
             init_device = args.device if args.size == "paper" else "cpu"
             with C.random_init_backbones(init_device) as shared_llms:
                 for stage in stages:
-                    results.append(bench_stage(stage, sizes, teacher, args))
+                    results.append(bench_stage(stage, sizes, teachers[stage], args))
                     shared_llms.clear()  # free the frozen OPT before the next stage
                     print(f"{STAGES[stage]['name']}: ratio {results[-1]['time_ratio']['ratio']:.3f}x", flush=True)
     finally:
@@ -199,7 +224,8 @@ def main(argv=None):
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    sizes_line = (f"{args.size}, {sizes['bert_desc']}, {sizes['opt_desc']}, {sizes['vit_desc']}, "
+    llms = ([sizes["opt_desc"]] if {"1", "2"} & set(stages) else []) + ([sizes["t5_desc"]] if "t5_desc" in sizes else [])
+    sizes_line = (f"{args.size}, {sizes['bert_desc']}, {', '.join(llms)}, {sizes['vit_desc']}, "
                   f"Q={sizes['num_query_token']}, "
                   f"batch {args.batch}, {args.device}{', amp fp16' if args.amp else ', fp32'}")
     md = table(results)

@@ -19,7 +19,8 @@ Sizes (``--size``):
 
 - ``tiny`` (CPU default): the tiny offline BERT / OPT of ``lavis_pformer.tiny`` (``output/tiny`` when it
   exists, else built into a temporary directory), a small ViT through ``custom_vit``.
-- ``paper``: BERT-base, OPT-2.7B (``--opt-layers`` cuts its depth), a ViT sized like LAVIS's
+- ``paper``: BERT-base, OPT-2.7B (``--opt-layers`` cuts its depth), Flan-T5-XL for the T5 stage (``--t5-layers``
+  cuts it), a ViT sized like LAVIS's
   ``eva_clip_g`` (patch 14, width 1408, 39 blocks, 16 heads, MLP ratio 4.3637; ``--vit-depth`` cuts it),
   224 px, Q = 32, 32 text tokens, all randomly initialised from configs (no weights are downloadable
   here). Their directories hold a config and tokenizer files but no weights; ``random_init_backbones``
@@ -60,6 +61,9 @@ BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, 
                  vocab_size=30522, max_position_embeddings=512)
 OPT_2_7B = dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, vocab_size=50272,
                 max_position_embeddings=2048, word_embed_proj_dim=2560)
+# google/flan-t5-xl's config (LAVIS's blip2_t5 pretrain_flant5xl).
+FLAN_T5_XL = dict(d_model=2048, d_ff=5120, d_kv=64, num_layers=24, num_decoder_layers=24, num_heads=32,
+                  vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 EVA_CLIP_G = dict(patch_size=14, embed_dim=1408, depth=39, num_heads=16, mlp_ratio=4.3637)
 TINY_VIT = dict(patch_size=16, embed_dim=64, depth=2, num_heads=4)
 
@@ -94,6 +98,8 @@ def add_common_args(parser, batch_tiny, batch_paper, warmup=2):
                         help="timed rounds per variant (default 21 on CPU, 10 on CUDA)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds before timing")
     parser.add_argument("--results-dir", default=RESULTS_DIR)
+    parser.add_argument("--tag", default="",
+                        help="suffix of the result files (<script>_<device>_<tag>.json/.md), e.g. paper_stage2")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: 1 on CPU, torch's default on CUDA). Tiny ops do not "
                              "gain from more, and with other processes on the cores, intra-op threads that wait for "
@@ -102,6 +108,8 @@ def add_common_args(parser, batch_tiny, batch_paper, warmup=2):
                         help="fp16 autocast + GradScaler as LAVIS's runner with run.amp (default on CUDA)")
     parser.add_argument("--no-amp", dest="amp", action="store_false")
     parser.add_argument("--opt-layers", type=int, default=None, help="OPT depth (paper: 32)")
+    parser.add_argument("--t5-layers", type=int, default=None,
+                        help="Flan-T5-XL encoder and decoder depth (paper: 24 each; stage 2t5 of the training bench)")
     parser.add_argument("--vit-depth", type=int, default=None, help="ViT depth (paper: 39, tiny: 2)")
     parser.add_argument("--image-size", type=int, default=None, help="image size (default 224)")
     parser.add_argument("--num-query-token", type=int, default=32)
@@ -148,18 +156,59 @@ def device_tag(device):
 _TINY_CACHE = {}
 
 
-def tiny_backbone_dirs(root=None):
-    """{"bert": dir, "opt": dir} of the tiny backbones (built once per process when missing)."""
+def tiny_backbone_dirs(root=None, t5=False):
+    """{"bert": dir, "opt": dir} (and "t5" with ``t5``) of the tiny backbones (built once per process when missing)."""
     root = root or os.path.join(REPO, "output", "tiny", "backbones")
-    if all(os.path.isfile(os.path.join(root, name, "config.json")) for name in ("bert", "opt")):
-        return {"bert": os.path.join(root, "bert"), "opt": os.path.join(root, "opt")}
-    if "dirs" not in _TINY_CACHE:
-        from lavis_pformer.tiny import build_bert, build_opt
+    names = ("bert", "opt", "t5") if t5 else ("bert", "opt")
+    if all(os.path.isfile(os.path.join(root, name, "config.json")) for name in names):
+        return {name: os.path.join(root, name) for name in names}
+    from lavis_pformer.tiny import build_bert, build_opt, build_t5
 
-        tmp = tempfile.mkdtemp(prefix="bench_tiny_")
-        _TINY_CACHE["dirs"] = {"bert": build_bert(os.path.join(tmp, "bert")),
-                               "opt": build_opt(os.path.join(tmp, "opt"))}
-    return _TINY_CACHE["dirs"]
+    builders = {"bert": build_bert, "opt": build_opt, "t5": build_t5}
+    if "root" not in _TINY_CACHE:
+        _TINY_CACHE["root"] = tempfile.mkdtemp(prefix="bench_tiny_")
+    dirs = _TINY_CACHE.setdefault("dirs", {})
+    for name in names:
+        if name not in dirs:
+            dirs[name] = builders[name](os.path.join(_TINY_CACHE["root"], name))
+    return {name: dirs[name] for name in names}
+
+
+def write_random_init_t5_dir(root, tiny_t5_dir, t5_layers=None):
+    """A config-only Flan-T5-XL directory (the tiny T5's sentencepiece tokenizer; no weights).
+
+    The tokenizer only produces the tiny ids, all below Flan-T5's 32,128 embedding rows.
+    """
+    from transformers import T5Config
+
+    t5_dir = os.path.join(root, "flan_t5_xl")
+    os.makedirs(t5_dir, exist_ok=True)
+    for name in os.listdir(tiny_t5_dir):
+        if not name.endswith((".bin", ".safetensors")) and name != "config.json":
+            shutil.copy(os.path.join(tiny_t5_dir, name), t5_dir)
+    t5 = dict(FLAN_T5_XL)
+    if t5_layers:
+        t5["num_layers"] = t5["num_decoder_layers"] = t5_layers
+    T5Config(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **t5).save_pretrained(t5_dir)
+    open(os.path.join(t5_dir, RANDOM_INIT_MARKER), "w").write("weights: random, built from config.json\n")
+    return t5_dir
+
+
+def add_t5(sizes, args, workdir):
+    """Add the frozen T5 of ``args.size`` to ``sizes``: "t5" (directory), "t5_desc", "t5_hidden_size"."""
+    from transformers import AutoConfig
+
+    tiny = tiny_backbone_dirs(args.backbones, t5=True)
+    if args.size == "tiny":
+        if args.t5_layers:
+            raise SystemExit("--t5-layers applies to --size paper (the tiny T5 has 2 + 2 layers)")
+        t5_dir = tiny["t5"]
+    else:
+        t5_dir = write_random_init_t5_dir(os.path.join(workdir, "backbones"), tiny["t5"], args.t5_layers)
+    cfg = AutoConfig.from_pretrained(t5_dir)
+    sizes.update(t5=t5_dir, t5_hidden_size=cfg.d_model,
+                 t5_desc=f"T5 {cfg.num_layers}+{cfg.num_decoder_layers}x{cfg.d_model} (vocab {cfg.vocab_size})")
+    return sizes
 
 
 def write_random_init_dirs(root, tiny_dirs, opt_layers=None):
@@ -246,7 +295,7 @@ def _seeded(key, device):
 @contextlib.contextmanager
 def random_init_backbones(init_device="cpu"):
     """While active, ``from_pretrained(<config-only dir>)`` builds the model from its config (random init,
-    seeded by the path) on ``init_device``; frozen LLMs (OPT) are built once per directory and shared.
+    seeded by the path) on ``init_device``; frozen LLMs (OPT, T5) are built once per directory and shared.
     ``custom_vit`` is built on ``init_device`` too, seeded by its config (so every model gets the same ViT).
     Directories with weights load normally."""
     from transformers.modeling_utils import PreTrainedModel
@@ -263,7 +312,7 @@ def random_init_backbones(init_device="cpu"):
         config = kwargs.pop("config", None) or cls.config_class.from_pretrained(path)
         dtype = kwargs.pop("torch_dtype", None)
         model_kwargs = {k: kwargs[k] for k in ("add_pooling_layer",) if k in kwargs}
-        frozen = config.model_type == "opt"
+        frozen = config.model_type in ("opt", "t5")
         key = (cls.__module__, cls.__name__, os.path.abspath(path))
         if frozen and key in shared:
             return shared[key]
@@ -349,16 +398,18 @@ def stock_model(lavis_cls, sizes, visual_encoder=None, **kwargs):
                  num_query_token=sizes["num_query_token"], max_txt_len=sizes["max_txt_len"], **kwargs)
 
 
-def make_teacher(sizes, out_dir, llm_name=None):
-    """A randomly initialised P-Former (the BERT of ``sizes``, Q, the LLM width) saved with ``PFormer.save``."""
+def make_teacher(sizes, out_dir, llm_name=None, llm_hidden_size=None, filename="pformer.pth"):
+    """A randomly initialised P-Former (the BERT of ``sizes``, Q, the LLM width) saved with ``PFormer.save``.
+    Default LLM: the OPT of ``sizes``."""
     from transformers import BertConfig
 
     from lavis_pformer.pformer import PFormer
 
     torch.manual_seed(1)
-    teacher = PFormer(BertConfig.from_pretrained(sizes["bert"]), sizes["num_query_token"], sizes["llm_hidden_size"],
-                      llm_name or sizes["opt"], embed_dim=256, bert_model=sizes["bert"])
-    path = os.path.join(out_dir, "pformer.pth")
+    teacher = PFormer(BertConfig.from_pretrained(sizes["bert"]), sizes["num_query_token"],
+                      llm_hidden_size or sizes["llm_hidden_size"], llm_name or sizes["opt"], embed_dim=256,
+                      bert_model=sizes["bert"])
+    path = os.path.join(out_dir, filename)
     teacher.save(path)
     return path
 
@@ -581,7 +632,8 @@ def fmt_spread(stats):
 def write_results(script, args, payload, table, notes=()):
     """``<results-dir>/<script>_<device>.json`` (latest run) and append the table to ``.md``; returns paths."""
     os.makedirs(args.results_dir, exist_ok=True)
-    base = os.path.join(args.results_dir, f"{script}_{device_tag(args.device)}")
+    tag = f"_{args.tag}" if getattr(args, "tag", "") else ""
+    base = os.path.join(args.results_dir, f"{script}_{device_tag(args.device)}{tag}")
     payload = dict(script=script, **payload)
     with open(base + ".json", "w") as f:
         json.dump(payload, f, indent=1, default=str)

@@ -13,6 +13,7 @@ import lavis.common.optims  # noqa: E402,F401  (lr schedulers)
 import lavis.runners  # noqa: E402,F401  (runner_base, runner_iter)
 
 from lavis_pformer import runtime  # noqa: E402,F401  (runner_pformer, CPU/gloo shims)
+from lavis_pformer import runner_iter  # noqa: E402,F401  (runner_iter_pformer)
 from lavis_pformer import datasets, models, tasks  # noqa: E402,F401
 
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+import zipfile
 from functools import partial
 
 import torch
@@ -34,6 +35,7 @@ from lavis.models.eva_vit import VisionTransformer
 from transformers import BertTokenizer
 
 from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError, SetupError
+from lavis_pformer.precision import LOW_PRECISION, cpu_autocast
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -73,6 +75,93 @@ def custom_vit(img_size, vit_config, drop_path_rate=0.0, use_grad_checkpoint=Fal
                 "Set vit_config (patch_size, embed_dim, depth, num_heads, mlp_ratio) to the sizes the file was saved with."
             ) from None
     return vit
+
+
+# The files LAVIS downloads for its own ViTs (lavis/models/eva_vit.py, clip_vit.py); its download_cached_file
+# keeps them under timm's cache folder (torch.hub's dir + "/checkpoints").
+LAVIS_VIT_FILES = {"eva_clip_g": "eva_vit_g.pth", "clip_L": "clip_vit_L.pth"}
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_mode():
+    """Whether the environment asks for no network (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to 1)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in _OFFLINE_VARIABLES)
+
+
+def lavis_vit_cache_file(model_name):
+    """Where LAVIS's download keeps the weights of ``eva_clip_g`` / ``clip_L``."""
+    import timm.models.hub as timm_hub
+
+    return os.path.join(timm_hub.get_cache_dir(), LAVIS_VIT_FILES[model_name])
+
+
+@contextlib.contextmanager
+def _replaced(module, name, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _state_dict_keys(path, what):
+    """The tensor names of a flat state-dict file, read with ``weights_only=True`` (memory-mapped when possible)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what}: no file at {path} (cwd {os.getcwd()}); check the path in the config or --options")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # truncated files, pickles with code, not a torch file at all
+        raise CheckpointError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{what}: {path} is not a flat state dict of tensors (as LAVIS's "
+                              f"{'/'.join(LAVIS_VIT_FILES.values())} are)")
+    keys = set(state)
+    del state
+    return keys
+
+
+def lavis_vit_from_file(model_name, weights, img_size, drop_path_rate, use_grad_checkpoint, precision):
+    """LAVIS's own ``eva_clip_g`` / ``clip_L`` (its constructor, position-embedding interpolation and fp16 cast)
+    with the weights read from the local file ``weights`` instead of LAVIS's download.
+
+    LAVIS loads the file with ``strict=False`` and says nothing; here every parameter of the ViT must be in the
+    file (else a CheckpointError: the ViT would stay random), and tensors the ViT has no place for are logged.
+    """
+    import lavis.models.clip_vit as clip_vit
+    import lavis.models.eva_vit as eva_vit
+
+    what = f"model.vit_config.checkpoint ({model_name} weights)"
+    keys = _state_dict_keys(weights, what)
+    module = eva_vit if model_name == "eva_clip_g" else clip_vit
+
+    def local_file(url, check_hash=True, progress=False):
+        logging.info("%s: weights from %s instead of %s", model_name, weights, url)
+        return weights
+
+    # create_eva_vit_g / create_clip_vit_L call download_cached_file(url) by the name their module imported.
+    try:
+        with _replaced(module, "download_cached_file", local_file):
+            vit, ln_vision = Blip2Base.init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint,
+                                                           precision)
+    except RuntimeError as e:  # load_state_dict(strict=False) still refuses tensors of other shapes
+        mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        raise CheckpointError(f"{what}: {weights} holds tensors of other shapes than {model_name} ({mismatches[0]}): "
+                              f"it is not LAVIS's {LAVIS_VIT_FILES[model_name]}") from None
+    missing = sorted(n for n, _ in vit.named_parameters() if n not in keys)
+    if missing:
+        raise CheckpointError(
+            f"{what}: {weights} lacks {len(missing)} of the {model_name} parameters (e.g. {missing[:3]}), so they would "
+            f"stay random: it is not LAVIS's {LAVIS_VIT_FILES[model_name]}. Give a copy of that file (LAVIS downloads "
+            f"it to {lavis_vit_cache_file(model_name)})."
+        )
+    unused = sorted(keys - set(vit.state_dict()))
+    if unused:
+        logging.warning("%s: %d tensors of %s have no place in %s and are ignored (as LAVIS does), e.g. %s",
+                        what, len(unused), weights, model_name, unused[:4])
+    return vit, ln_vision
 
 
 def weights_fingerprint(module):
@@ -242,15 +331,56 @@ class BackboneMixin:
         # Where the ViT's weights come from: LAVIS's pretrained ones, a file, or a random initialisation.
         self._vit_origin = {"vit_model": model_name, "checkpoint": None, "fingerprint": None}
         if model_name != "custom_vit":
-            if model_name not in ("eva_clip_g", "clip_L"):
+            if model_name not in LAVIS_VIT_FILES:
                 raise ConfigError(f"unknown model.vit_model '{model_name}': use eva_clip_g, clip_L or custom_vit")
-            return Blip2Base.init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
+            weights = self._lavis_vit_weights(model_name)
+            if weights is None:  # LAVIS's download (or its cache)
+                return Blip2Base.init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint,
+                                                     precision)
+            self._vit_origin["checkpoint"] = weights
+            return lavis_vit_from_file(model_name, weights, img_size, drop_path_rate, use_grad_checkpoint, precision)
         vit = custom_vit(img_size, self.vit_config, drop_path_rate, use_grad_checkpoint)
         self._vit_origin["checkpoint"] = self.vit_config.get("checkpoint") or None
         self._vit_origin["fingerprint"] = weights_fingerprint(vit)  # as built, before any precision cast
         if precision == "fp16":
             vit = vit.half()
         return vit, LayerNorm(vit.num_features)
+
+    def maybe_autocast(self, dtype=torch.float16):
+        """LAVIS: CUDA autocast on a GPU, nothing on the CPU, so that a model with fp16 / bf16 backbones cannot run
+        on a CPU at all (fp32 images meet fp16 ViT weights). Here, on the CPU, the same sections run under CPU
+        autocast with the same dtype (:func:`~lavis_pformer.precision.cpu_autocast`) when a backbone holds fp16 /
+        bf16 weights: the closest check of the GPU precisions that a CPU allows. fp32 models on the CPU are
+        unchanged (no autocast); GPUs: LAVIS's own."""
+        if self.device.type != "cpu":
+            return super().maybe_autocast(dtype)
+        if any(p.dtype in LOW_PRECISION for p in self.parameters()):
+            return cpu_autocast(dtype)
+        return contextlib.nullcontext()
+
+    def _lavis_vit_weights(self, model_name):
+        """The local weights file of LAVIS's ``eva_clip_g`` / ``clip_L``: ``vit_config.checkpoint``; offline without
+        it, LAVIS's cache file; None: let LAVIS download (online)."""
+        extra = sorted(set(self.vit_config) - {"checkpoint"})
+        if extra:
+            raise ConfigError(
+                f"model.vit_config {extra}: the size of {model_name} is fixed by LAVIS; with vit_model {model_name}, "
+                "vit_config takes only `checkpoint` (a local copy of its weights). Use vit_model: custom_vit for a "
+                "ViT of another size."
+            )
+        weights = self.vit_config.get("checkpoint") or None
+        if weights is not None or not offline_mode():
+            return weights
+        cached = lavis_vit_cache_file(model_name)
+        if os.path.isfile(cached):
+            logging.info("offline: %s weights from LAVIS's cache %s", model_name, cached)
+            return cached
+        raise MissingFileError(
+            f"model.vit_model {model_name}: LAVIS downloads its weights ({LAVIS_VIT_FILES[model_name]}), but this run "
+            f"is offline ({' / '.join(_OFFLINE_VARIABLES)}) and LAVIS's cache has no {cached}. Copy the file to the "
+            f"node and set model.vit_config.checkpoint to it (e.g. --options model.vit_config.checkpoint="
+            f"/models/{LAVIS_VIT_FILES[model_name]}), or place it at {cached}."
+        )
 
     @staticmethod
     def cast_llm(llm, precision):

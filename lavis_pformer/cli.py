@@ -118,6 +118,21 @@ def use_own_vit_config(cfg, cfg_path, options):
     cfg.config.model.vit_config = OmegaConf.merge(own, (overrides.get("model") or {}).get("vit_config") or {})
 
 
+def check_vit_precision(cfg):
+    """Training with an fp16 ViT needs ``run.amp``: LAVIS's BLIP-2 training forward hands the ViT's fp16 output
+    to the fp32 Q-Former outside any autocast (Blip2Qformer runs even the ViT outside ``maybe_autocast``), which
+    fails with "mat1 and mat2 must have the same dtype" on GPUs and CPUs alike, after the model is loaded."""
+    model, run = cfg.model_cfg, cfg.run_cfg
+    if run.get("evaluate", False) or "vit_model" not in model or model.get("vit_model") is None:
+        return
+    if str(model.get("vit_precision", "fp16")) == "fp16" and not run.get("amp", False):
+        raise ConfigError(
+            "model.vit_precision is fp16 but run.amp is False: LAVIS's BLIP-2 training step feeds the fp16 ViT "
+            "output to the fp32 Q-Former outside autocast and fails. Set run.amp: True (as LAVIS's BLIP-2 configs "
+            "do; on a CPU it runs the step under CPU autocast) or model.vit_precision: fp32."
+        )
+
+
 def setup_seeds(run_cfg):
     seed = int(run_cfg.seed) + get_rank()
     random.seed(seed)
@@ -132,6 +147,7 @@ def build(args):
     check_config(args.cfg_path, args.options)
     cfg = Config(args)
     use_own_vit_config(cfg, args.cfg_path, args.options)
+    check_vit_precision(cfg)
     init_distributed(cfg.run_cfg)
     make_output_dir(cfg.run_cfg.output_dir)  # fail before the model is loaded, not after
     resolve_resume_path(cfg.run_cfg)  # before the runner moves <output_dir>/latest

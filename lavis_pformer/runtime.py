@@ -84,7 +84,8 @@ def init_distributed(run_cfg):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(
             "run.device is 'cuda' but this machine has no usable GPU; "
-            "add `--options run.device=cpu` (and run.amp=False) to run on the CPU."
+            "add `--options run.device=cpu` to run on the CPU (with run.amp: True the training steps then run "
+            "under CPU autocast; fp32 backbones: model.vit_precision=fp32 model.llm_precision=fp32 run.amp=False)."
         )
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched and device.startswith("cuda"):
@@ -186,6 +187,13 @@ class RunnerPFormer(RunnerBase):
         super().__init__(cfg, task, model, datasets, job_id)
         # runner_base.py:469 calls task.evaluation(model, loader) with its default cuda_enabled=True.
         task.evaluation = functools.partial(task.evaluation, cuda_enabled=self.cuda_enabled)
+        # run.amp on the CPU: LAVIS's CUDA autocast does nothing there; the plugin's tasks use CPU autocast.
+        if self.config.run_cfg.get("amp", False) and self.device.type == "cpu":
+            if hasattr(task, "cpu_amp"):
+                task.cpu_amp = True
+                logging.info("run.amp on the CPU: training steps run under CPU autocast (fp16)")
+            else:
+                logging.warning("run.amp has no effect on the CPU with the task %s", type(task).__name__)
 
     @property
     def model(self):
@@ -239,7 +247,7 @@ class RunnerPFormer(RunnerBase):
         scratch.mkdir()
         self.output_dir = scratch
         try:
-            super()._save_checkpoint(cur_epoch, is_best=is_best)
+            self._write_checkpoint(cur_epoch, is_best=is_best)
             if rng is not None:
                 torch.save(rng, scratch / (name[: -len(".pth")] + RNG_SUFFIX))
         except BaseException:
@@ -255,6 +263,10 @@ class RunnerPFormer(RunnerBase):
         export = getattr(self.unwrap_dist_model(self.model), "export_checkpoint", None)
         if export is not None:
             logging.info("Exported %s", export(str(final_dir)))
+
+    def _write_checkpoint(self, cur_epoch, is_best=False):
+        """Write the checkpoint file into ``self.output_dir`` (here LAVIS's RunnerBase._save_checkpoint)."""
+        RunnerBase._save_checkpoint(self, cur_epoch, is_best=is_best)
 
     def _load_checkpoint(self, url_or_filename):
         """LAVIS's resume (model strict, optimizer, scaler, start epoch) with clear errors, then the RNG

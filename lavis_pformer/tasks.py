@@ -6,12 +6,16 @@ entry of the model output is averaged per epoch, logged every ``log_freq`` steps
 epoch stats that the runner writes to log.txt. The model must return the same ``loss_*`` keys on
 every step and rank, since the meters are all-reduced key by key.
 
+With ``run.amp: True`` on the CPU the plugin's runners set ``cpu_amp``: each training step runs under CPU
+autocast (fp16) where LAVIS's loop uses CUDA autocast, the closest check of a GPU run that a CPU allows.
+
 ``image_text_pretrain_pformer`` and ``captioning_pformer`` also build the model with
 ``from_config(cfg, for_training=not run.evaluate)`` so that the frozen P-Former teacher of stages 1/2
 exists only in training runs (``AlignmentTeacherTaskMixin``); ``captioning_pformer`` scores captions
 offline against a local COCO-format ground truth (``LocalCaptionMetricsMixin``).
 """
 
+import contextlib
 import inspect
 import json
 import logging
@@ -28,6 +32,7 @@ from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 
 from lavis_pformer.caption_eval import caption_metrics
 from lavis_pformer.errors import UserError
+from lavis_pformer.precision import cpu_autocast
 
 
 class NonFiniteLossError(UserError, FloatingPointError, RuntimeError):
@@ -45,13 +50,18 @@ class LossTermLoggingMixin:
     Put it before the LAVIS task class in the bases.
     """
 
+    # Set by the plugin's runners for ``run.amp: True`` on the CPU: LAVIS's loop wraps the step in CUDA autocast,
+    # which does nothing to CPU tensors, so the step runs under CPU autocast (fp16) here instead.
+    cpu_amp = False
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_terms = MetricLogger(delimiter="  ")
         self._log_freq = 50
 
     def train_step(self, model, samples):
-        output = model(samples)
+        with cpu_autocast(torch.float16) if self.cpu_amp else contextlib.nullcontext():
+            output = model(samples)
         loss = output["loss"]
         names = ["loss"] + [k for k in output if k.startswith("loss_")]
         values = torch.stack(

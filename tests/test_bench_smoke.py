@@ -11,6 +11,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
+import bench_annotations_memory  # noqa: E402
 import bench_inference  # noqa: E402
 import bench_stage0_throughput  # noqa: E402
 import bench_train_step  # noqa: E402
@@ -87,6 +88,28 @@ def test_bench_train_step(backbones, tmp_path):
         assert all(positive(r["time_ratio"][k]) for k in ("ratio", "paired_median", "paired_min", "paired_max"))
         assert positive(r["footprint_ratio"]) and positive(r["step_peak_ratio"])
         assert all(math.isfinite(v) for v in r["last_loss"].values())
+
+
+def test_bench_train_step_flan_t5_twin(backbones, tmp_path):
+    bench_train_step.main(small(backbones, tmp_path) + ["--batch", "2", "--stages", "2t5", "--tag", "t5"])
+    data = json.load(open(os.path.join(tmp_path, "bench_train_step_cpu_t5.json")))
+    (r,) = data["results"]
+    assert r["stage"] == "stage 2 (Flan-T5)" and r["lavis_class"] == "Blip2T5" and r["extra_trainable"] == []
+    assert positive(r["ours"]["teacher_bytes"]) and positive(r["time_ratio"]["ratio"])
+    assert all(math.isfinite(v) for v in r["last_loss"].values())
+    assert "T5 2+2x40" in data["sizes_line"]
+
+
+def test_bench_annotations_memory(tmp_path):
+    data = bench_annotations_memory.main(["--pairs", "3000", "--ranks", "1", "--workers", "1", "--variants",
+                                          "lavis,compact", "--workdir", str(tmp_path), "--results-dir", str(tmp_path)])
+    assert os.path.isfile(os.path.join(tmp_path, "bench_annotations_memory_cpu.md"))
+    assert [r["variant"] for r in data["results"]] == ["lavis", "compact"]
+    for r in data["results"]:
+        assert r["summary"]["samples"] == 3000 and r["summary"]["processes"] == 2
+        for key in ("rank_rss", "rank_pss", "worker_rss", "worker_pss", "total_pss", "rank_peak_rss"):
+            assert positive(r["summary"][key]), key
+    assert positive(data["ratios"]["total_pss"])
 
 
 def test_bench_inference(backbones, tmp_path):

@@ -663,4 +663,5 @@ def test_run_configs_use_registered_parts_and_paper_settings():
             assert cfg.run.batch_size_train == 128 and cfg.run.warmup_steps == (5000 if arch == STAGE1 else 2000)
         script = os.path.join(REPO, "run_scripts/pformer/train", file.replace(".yaml", ".sh"))
         text = open(script).read()
-        assert os.access(script, os.X_OK) and "torchrun --nproc_per_node=8 train.py" in text and file in text
+        assert os.access(script, os.X_OK) and "NPROC=${NPROC:-8}" in text and file in text
+        assert '/launch.sh" train.py' in text

@@ -418,7 +418,7 @@ def test_vatex_configs_parse_and_build_on_tiny_backbones(tiny, name):
     script = os.path.join(REPO, "run_scripts", "pformer", "train", f"{name}.sh")
     assert f"projects/pformer/train/{name}.yaml" in open(script).read() and os.access(script, os.X_OK)
     # the reference's video schedule: 10 epochs at a global batch of 128, prompt "a photo of "
-    nproc = int(re.search(r"--nproc_per_node=(\d+)", open(script).read()).group(1))
+    nproc = int(re.search(r"NPROC=\$\{NPROC:-(\d+)\}", open(script).read()).group(1))
     assert run.max_epoch == 10 and run.batch_size_train * nproc == 128
     assert m.prompt == "a photo of" and data.text_processor.train.prompt == "a photo of "
     header = open(path).read().split("\nmodel:")[0]

@@ -70,6 +70,7 @@ from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEval
 from lavis.datasets.datasets.coco_vqa_datasets import COCOVQAEvalDataset
 from omegaconf import OmegaConf
 
+from lavis_pformer.datasets.compact import CompactAnnotationView, CompactCaptions
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from lavis_pformer.errors import ConfigError, DataError, MissingFileError, UserError
 from PIL import Image
@@ -204,21 +205,35 @@ def unreadable_images_error(bad, total, label, fix):
 
 
 class LocalCaptionDataset(CaptionDataset):
-    """LAVIS CaptionDataset whose images are loaded with clear errors and converted to RGB.
+    """LAVIS CaptionDataset whose images are loaded with clear errors and converted to RGB, and whose annotations
+    are stored compactly (:class:`~lavis_pformer.datasets.compact.CompactCaptions`).
+
+    LAVIS's ``BaseDataset.__init__`` parses the annotation files into one Python dict per sample, which forked
+    DataLoader workers end up copying (LAVIS issue #247); this class does not call it: it keeps the records in
+    numpy arrays (``records``, built from ``ann_paths`` unless given). Items are LAVIS's: ``{"image",
+    "text_input", "image_id"}`` with image_id the dense index of the record's image_id in order of first
+    appearance. ``annotation`` is a read-only view (``len``, ``[i]`` -> image, caption, instance_id).
 
     ``max_bad_images``: how many distinct missing / unreadable images are skipped (each replaced by the
     next readable record, with one warning per image) before an error; 0 (default): the first is an error.
     """
 
-    def __init__(self, *args, max_bad_images=0, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, vis_processor, text_processor, vis_root, ann_paths=(), max_bad_images=0, records=None):
+        # Not CaptionDataset.__init__ (a list of dicts, see the docstring): the same attributes, compact records.
+        self.vis_root, self.vis_processor, self.text_processor = vis_root, vis_processor, text_processor
+        self.records = records if records is not None else CompactCaptions(list(ann_paths))
+        self.annotation = CompactAnnotationView(self.records)
         self.max_bad_images = max_bad_images
         self.bad_images = set()
 
+    def __len__(self):
+        return len(self.records)
+
     def __getitem__(self, index):
-        for offset in range(len(self.annotation)):
-            ann = self.annotation[(index + offset) % len(self.annotation)]
-            path = _image_path(self.vis_root, ann["image"])
+        n = len(self.records)
+        for offset in range(n):
+            i = (index + offset) % n
+            path = _image_path(self.vis_root, self.records.image(i))
             try:
                 image = load_rgb_image(path)
             except (FileNotFoundError, ImageReadError) as e:
@@ -226,10 +241,10 @@ class LocalCaptionDataset(CaptionDataset):
                 continue
             return {
                 "image": self.vis_processor(image),
-                "text_input": self.text_processor(ann["caption"]),
-                "image_id": self.img_ids[ann["image_id"]],
+                "text_input": self.text_processor(self.records.caption(i)),
+                "image_id": int(self.records.image_index[i]),
             }
-        raise ImageReadError(f"no readable image among the {len(self.annotation)} records under {self.vis_root}")
+        raise ImageReadError(f"no readable image among the {n} records under {self.vis_root}")
 
     def skip_known_bad_image(self, path, problem):
         """Skip ``path`` (found unreadable before training), counted and logged as ``__getitem__`` would."""
@@ -370,14 +385,16 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         for split, info in self._splits().items():
             key = self._key("annotations", split, "storage")
             paths = self._storage_paths(info, key)
-            images = []
-            for path in paths:
-                records = _load_records(path, key, ("image", "caption", "image_id"))
-                self._check_captions(records, path)
-                if split != "train":
+            if split == "train":  # streamed into compact arrays (CompactCaptions), checked record by record
+                records, images = self._train_records(root, paths, key, check)
+            else:
+                images = []
+                for path in paths:
+                    records = _load_records(path, key, ("image", "caption", "image_id"))
+                    self._check_captions(records, path)
                     self._check_int_ids(records, path)
-                self._check_first_image(root, records, path)
-                images += [_image_path(root, rec["image"]) for rec in records]
+                    self._check_first_image(root, records, path)
+                    images += [_image_path(root, rec["image"]) for rec in records]
             stage = "train" if split == "train" else "eval"
             procs = dict(
                 vis_processor=self.vis_processors[stage],
@@ -388,13 +405,14 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
             label = f"datasets.local_caption {split}"
             bad = find_unreadable_images(images, label, check)
             if split == "train":
-                datasets[split] = self.train_dataset_cls(max_bad_images=max_bad_images, **procs)
+                datasets[split] = self.train_dataset_cls(max_bad_images=max_bad_images, records=records, **procs)
                 if len(bad) > max_bad_images:
-                    raise unreadable_images_error(bad, len(set(images)), label, (
+                    raise unreadable_images_error(bad, records.num_image_files(), label, (
                         "Replace them, or remove their records from the annotation file, or set "
                         f"{self._key('max_bad_images')}: {len(bad)} to skip them in training."))
                 for path, problem in bad.items():
                     datasets[split].skip_known_bad_image(path, problem)
+                records.finish_build()
             else:
                 if bad:
                     raise unreadable_images_error(bad, len(set(images)), label, (
@@ -412,6 +430,37 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
                 datasets[split] = self.eval_dataset_cls(coco_gt_file=gt, **procs)
             logger.info("local_caption %s: %d pairs from %s", split, len(datasets[split]), paths)
         return datasets
+
+    def _train_records(self, root, paths, key, check):
+        """The train split's CompactCaptions (every record checked as it streams in) and the image files to check
+        before training (all distinct ones when the check applies, see ``find_unreadable_images``; else none)."""
+        blank, total = {}, {}
+
+        def check_record(index, record, path):
+            total[path] = index + 1
+            if index == 0:
+                self._check_first_image(root, [record], path)
+            if not isinstance(record["caption"], str):
+                raise DataError(
+                    f"annotation file {path}, entry {index}: caption {record['caption']!r} is not a string. Fix the "
+                    "entry (a caption is text) or remove it."
+                )
+            if not record["caption"].strip():
+                blank[path] = blank.get(path, 0) + 1
+
+        records = CompactCaptions(paths, key, check_record)
+        for path, count in blank.items():
+            logger.warning(
+                "%s: %d of %d captions are empty or blank; they are kept (the model learns to say nothing for those "
+                "images): remove them from the file if that is not intended.", path, count, total[path],
+            )
+        wanted = check is True or (check == "auto" and records.num_image_files() <= CHECK_IMAGES_AUTO_LIMIT)
+        if check == "auto" and not wanted:
+            logger.info("datasets.local_caption train: %d images, more than %d: not checked before training (set "
+                        "build_info.check_images: true to check them all); unreadable ones fail (or are skipped, see "
+                        "max_bad_images) when read", records.num_image_files(), CHECK_IMAGES_AUTO_LIMIT)
+        images = [_image_path(root, p) for p in records.image_files()] if wanted else []
+        return records, images
 
     @staticmethod
     def _storage_paths(info, key):

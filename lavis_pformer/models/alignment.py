@@ -56,7 +56,7 @@ def capture_first_output(module):
         if not captured:
             captured.append(output)
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, prepend=True)  # before any hook that changes the output
     try:
         yield captured
     finally:

@@ -23,6 +23,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
 from lavis_pformer.backbones import BackboneMixin, hub_load_errors
+from lavis_pformer.precision import LOW_PRECISION
 from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.errors import CheckpointError, ConfigError, SetupError
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
@@ -50,6 +51,29 @@ class Stage2Mixin:
     """
 
     PROJ = None  # "opt_proj" / "t5_proj"
+    # The autocast dtype under which LAVIS's forward concatenates the prompt with the LLM's token embeddings:
+    # None when it is the prompt's own context (Blip2OPT), bfloat16 for Blip2T5 (inside maybe_autocast(bf16)).
+    CONCAT_AUTOCAST_DTYPE = None
+
+    def setup_prompt_dtype(self):
+        """Make LAVIS's ``torch.cat([prompt, token embeddings])`` work for every LLM precision under autocast.
+
+        Autocast refuses to concatenate tensors of two different low precisions ("Unexpected floating
+        ScalarType in at::autocast::prioritize"): LAVIS's Blip2OPT meets it with a bf16 OPT under run.amp (the
+        prompt is fp16), LAVIS's Blip2T5 with its default bf16 T5 under run.amp, and with an fp16 T5 (its
+        concatenation runs under bf16 autocast). A hook on the projection returns the prompt in fp32 in those
+        cases (autocast then concatenates in fp32 and the LLM's layers cast as usual); the default pairing
+        (fp16 OPT, fp16 prompt) is left exactly as LAVIS runs it.
+        """
+        getattr(self, self.PROJ).register_forward_hook(self._prompt_for_concat)
+
+    def _prompt_for_concat(self, module, inputs, prompt):
+        if prompt.dtype not in LOW_PRECISION:
+            return None
+        embedding = getattr(self, self.LLM_KEY).get_input_embeddings().weight.dtype
+        if prompt.dtype == embedding and self.CONCAT_AUTOCAST_DTYPE in (None, embedding):
+            return None
+        return prompt.float()
 
     def setup_lm_weight(self, lm_weight):
         """Call after ``setup_alignment``."""
@@ -163,6 +187,7 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
             llm_name=lavis_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
         )
         self.setup_lm_weight(lm_weight)
+        self.setup_prompt_dtype()
 
     def image_prompt(self, image):
         """The soft prompt OPT reads for ``image`` [B, 3, H, W]: opt_proj(query output) [B, Q, H_opt]."""

@@ -53,7 +53,10 @@ def lavis_vit_qformer_kwargs(cfg):
 
 
 def vit_config_of(cfg):
-    """``vit_config`` as a dict, its ``checkpoint`` resolved (working directory, then the repository)."""
+    """``vit_config`` as a dict, its ``checkpoint`` resolved (working directory, then the repository).
+
+    With ``custom_vit`` it gives the size and optionally the weights; with ``eva_clip_g`` / ``clip_L`` only
+    ``checkpoint``, a local copy of the weights LAVIS would download."""
     vit_config = cfg.get("vit_config")
     if vit_config is None:
         return None
@@ -62,7 +65,7 @@ def vit_config_of(cfg):
     if not isinstance(vit_config, dict):
         raise ConfigError(f"model.vit_config must be a mapping (patch_size, embed_dim, ...), got {vit_config!r}")
     vit_config = dict(vit_config)
-    if vit_config.get("checkpoint") and cfg.get("vit_model", "eva_clip_g") == "custom_vit":
+    if vit_config.get("checkpoint"):
         vit_config["checkpoint"] = resolve_file(vit_config["checkpoint"], "model.vit_config.checkpoint")
     return vit_config
 

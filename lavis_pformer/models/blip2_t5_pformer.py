@@ -17,6 +17,8 @@ afterwards.
 import os
 import random
 
+import torch
+
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
@@ -47,6 +49,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
     PROJ = "t5_proj"
     LLM_KEY = "t5_model"
+    CONCAT_AUTOCAST_DTYPE = torch.bfloat16  # Blip2T5.forward concatenates under maybe_autocast(dtype=bfloat16)
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
@@ -64,6 +67,7 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
             llm_name=lavis_kwargs.get("t5_model", "google/flan-t5-xl"), for_training=for_training,
         )
         self.setup_lm_weight(lm_weight)
+        self.setup_prompt_dtype()
 
     def prepare_lavis_samples(self, samples):
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.

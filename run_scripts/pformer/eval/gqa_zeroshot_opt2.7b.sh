@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Zero-shot GQA test-dev (paper: 30.5 -> 34.0 with OPT-2.7B). (opt2.7b). Arguments go to --options, e.g. model.finetuned=/path/to/checkpoint.pth
+# Zero-shot GQA test-dev (paper: 30.5 -> 34.0 with OPT-2.7B). (opt2.7b). Example argument: model.finetuned=/path/to/checkpoint.pth
+# Arguments: key=value settings (passed as --options), or evaluate.py's own (--options ..., --debug).
+# NPROC processes per node (default 8); several nodes: NNODES with NODE_RANK + MASTER_ADDR, or
+# RDZV_ENDPOINT (c10d): see run_scripts/pformer/launch.sh and slurm_example.sbatch.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-NPROC=${NPROC:-8}
-torchrun --nproc_per_node=$NPROC evaluate.py --cfg-path projects/pformer/eval/gqa_zeroshot_opt2.7b.yaml ${1:+--options "$@"}
+export NPROC=${NPROC:-8}
+exec "$(dirname "$0")/../launch.sh" evaluate.py projects/pformer/eval/gqa_zeroshot_opt2.7b.yaml "$@"

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# projects/pformer/train/pretrain_stage2_flant5xl.yaml on 8 GPUs; extra arguments go to train.py (e.g. --options key=value ...).
+# Training with projects/pformer/train/pretrain_stage2_flant5xl.yaml
+# Arguments: key=value settings (passed as --options), or train.py's own (--options ..., --debug).
+# NPROC processes per node (default 8); several nodes: NNODES with NODE_RANK + MASTER_ADDR, or
+# RDZV_ENDPOINT (c10d): see run_scripts/pformer/launch.sh and slurm_example.sbatch.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-torchrun --nproc_per_node=8 train.py --cfg-path projects/pformer/train/pretrain_stage2_flant5xl.yaml "$@"
+export NPROC=${NPROC:-8}
+exec "$(dirname "$0")/../launch.sh" train.py projects/pformer/train/pretrain_stage2_flant5xl.yaml "$@"
