@@ -27,8 +27,7 @@ from lavis_pformer.precision import LOW_PRECISION
 from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.errors import CheckpointError, ConfigError, SetupError
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
-from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.models.common import CONFIG_DIR, lavis_vit_qformer_kwargs, plugin_kwargs
 from lavis_pformer.paths import resolve_model_path
 
 # Tensors of a stage-1 checkpoint that stage 2 has no place for (LAVIS drops them with strict=False): the

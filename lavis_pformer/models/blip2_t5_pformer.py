@@ -26,8 +26,7 @@ from lavis_pformer.backbones import BackboneMixin, hub_load_errors, sentencepiec
 from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
 from lavis_pformer.models.blip2_opt_pformer import Stage2Mixin
-from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.models.common import CONFIG_DIR, lavis_vit_qformer_kwargs, plugin_kwargs
 from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.text import split_prefix_suffix
 

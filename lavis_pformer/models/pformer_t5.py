@@ -16,7 +16,8 @@ from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 
 from lavis_pformer.backbones import hub_load_errors, sentencepiece_conversion_errors
 from lavis_pformer.config_checks import as_float
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR, PFormerPretrain
+from lavis_pformer.models.common import CONFIG_DIR
+from lavis_pformer.models.pformer_pretrain import PFormerPretrain
 from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.text import split_prefix_suffix
 

@@ -47,8 +47,7 @@ from lavis_pformer.backbones import DTYPES, BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_float, as_int
 from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
-from lavis_pformer.models.blip2_qformer_pformer import optional_str
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.models.common import CONFIG_DIR, optional_str
 from lavis_pformer.paths import resolve_model_path
 
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
