@@ -11,8 +11,9 @@ value of the stage-1 checkpoint; a ``blip2_qformer_pformer`` checkpoint's ``llm_
 feed-forward layers) are dropped, as LAVIS does. Any other tensor without a place in the model, and a
 checkpoint aligned to another LLM (see :mod:`~lavis_pformer.models.stage_checkpoint`), is an error.
 
-Adds what LAVIS 1.0.2's Blip2OPT lacks for zero-shot VQA: ``predict_answers`` and ``apply_lemmatizer``.
-What it shares with the T5 model is in :mod:`~lavis_pformer.models.stage2`.
+Adds what LAVIS 1.0.2's Blip2OPT lacks for zero-shot VQA: ``predict_answers`` (generation after the image
+prompt, :mod:`~lavis_pformer.models.frozen_opt`) and ``apply_lemmatizer``. What it shares with the T5 model
+is in :mod:`~lavis_pformer.models.stage2`.
 """
 import os
 
@@ -24,11 +25,12 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis_pformer.backbones import BackboneMixin
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
 from lavis_pformer.models.common import CONFIG_DIR
+from lavis_pformer.models.frozen_opt import FrozenOPTMixin
 from lavis_pformer.models.stage2 import Stage2Mixin
 
 
 @registry.register_model("blip2_opt_pformer")
-class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2OPT):
+class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin, BackboneMixin, Blip2OPT):
     """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -74,26 +76,10 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backb
         questions = samples["text_input"]
         questions = [questions] if isinstance(questions, str) else list(questions)
         texts = [prompt.format(q) for q in questions] if prompt else questions
-        inputs_opt = self.image_prompt(image)
-        try:
-            # Decoder-only generation: pad on the left so every prompt ends right before the answer. Never
-            # truncated (max_txt_len bounds training captions only): a long question would lose "Short answer:".
-            self.opt_tokenizer.padding_side = "left"
-            tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest").to(image.device)
-        finally:
-            self.opt_tokenizer.padding_side = "right"
-        attention_mask = torch.cat(
-            [torch.ones(inputs_opt.shape[:2], dtype=torch.long, device=image.device), tokens.attention_mask], dim=1
+        answers = self.generate_after_prompt(
+            self.image_prompt(image), texts, self.maybe_autocast(), num_beams=num_beams, max_new_tokens=max_len,
+            min_length=min_len, length_penalty=length_penalty,
         )
-        with self.maybe_autocast():
-            outputs = self.opt_model.generate(
-                input_ids=tokens.input_ids,
-                query_embeds=inputs_opt.repeat_interleave(num_beams, dim=0).to(self.opt_model.dtype),
-                attention_mask=attention_mask, do_sample=False, num_beams=num_beams, max_new_tokens=max_len,
-                min_length=min_len, eos_token_id=self.eos_token_id, length_penalty=length_penalty,
-            )
-        answers = self.opt_tokenizer.batch_decode(outputs[:, tokens.input_ids.shape[1]:], skip_special_tokens=True)
-        answers = [a.strip() for a in answers]
         if self._apply_lemmatizer:
             answers = self._lemmatize(answers)
         return answers

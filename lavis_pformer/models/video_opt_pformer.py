@@ -37,23 +37,22 @@ import os
 
 import torch
 import torch.nn as nn
-from transformers import AutoTokenizer
 
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
-from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.backbones import DTYPES, BackboneMixin, hub_load_errors
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_float, as_int
 from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
 from lavis_pformer.models.common import CONFIG_DIR, optional_str
+from lavis_pformer.models.frozen_opt import FrozenOPTMixin
 from lavis_pformer.paths import resolve_model_path
 
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
 
 
-class VideoOPT(BackboneMixin, Blip2Base):
+class VideoOPT(FrozenOPTMixin, BackboneMixin, Blip2Base):
     """The video captioner without the P-Former side: connector + projection + frozen OPT."""
 
     def __init__(self, bert_model="bert-base-uncased", num_query_token=32, cross_attention_freq=2, feat_dim=1024,
@@ -77,21 +76,8 @@ class VideoOPT(BackboneMixin, Blip2Base):
             layer.output = None
             layer.intermediate = None
 
-        if llm_precision not in DTYPES:
-            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{llm_precision}'")
-        self.opt_tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
-        self.opt_model = OPTForCausalLM.from_pretrained(opt_model, torch_dtype=DTYPES[llm_precision])
-        for param in self.opt_model.parameters():
-            param.requires_grad = False
-        self.exclude_from_checkpoint("opt_model.")
-        self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
+        self.setup_opt(opt_model, llm_precision, prompt, max_txt_len)
         self.opt_proj = nn.Linear(self.Qformer.config.hidden_size, self.opt_model.config.hidden_size)
-
-        self.max_txt_len = max_txt_len
-        self.prompt = prompt or ""
-        self.prompt_length = int(self.opt_tokenizer(self.prompt, return_tensors="pt").attention_mask.sum())
-
-    # --- video side ------------------------------------------------------------------------------------
 
     def clip_inputs(self, samples):
         """(features [B, T, feat_dim], mask [B, T] long) from the samples, checked."""
@@ -128,31 +114,6 @@ class VideoOPT(BackboneMixin, Blip2Base):
         with self.maybe_autocast():
             return self.opt_proj(self.encode_video(features, mask))
 
-    # --- OPT side ----------------------------------------------------------------------------------------
-
-    def llm_autocast(self):
-        dtype = self.opt_model.dtype
-        return self.maybe_autocast(dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
-
-    def caption_loss(self, inputs_opt, texts):
-        """Causal LM loss of ``text + "\\n"`` after the soft prompt (prompt, padding and the prefix ignored)."""
-        device = inputs_opt.device
-        self.opt_tokenizer.padding_side = "right"
-        tokens = self.opt_tokenizer([t + "\n" for t in texts], return_tensors="pt", padding="longest",
-                                    truncation=True, max_length=self.max_txt_len).to(device)
-        targets = tokens.input_ids.masked_fill(tokens.input_ids == self.opt_tokenizer.pad_token_id, -100)
-        if self.prompt:
-            targets[:, : self.prompt_length] = -100
-        prefix_len = inputs_opt.shape[1]
-        targets = torch.cat([targets.new_full((targets.shape[0], prefix_len), -100), targets], dim=1)
-        embeds = self.opt_model.get_input_embeddings()(tokens.input_ids)
-        inputs_embeds = torch.cat([inputs_opt.to(embeds.dtype), embeds], dim=1)
-        attention_mask = torch.cat([tokens.attention_mask.new_ones(inputs_opt.shape[:2]), tokens.attention_mask], 1)
-        with self.llm_autocast():
-            out = self.opt_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=targets,
-                                 return_dict=True)
-        return out.loss
-
     def forward(self, samples):
         """{"loss": captioning loss} ({"loss": None} when lm_weight is 0: only the prompt is computed)."""
         inputs_opt = self.video_prompt(*self.clip_inputs(samples))
@@ -166,26 +127,13 @@ class VideoOPT(BackboneMixin, Blip2Base):
                  repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1):
         """Captions of the videos (``num_captions`` per video), as LAVIS's Blip2OPT.generate for images."""
         features, mask = self.clip_inputs(samples)
-        inputs_opt = self.video_prompt(features, mask)
-        batch = features.shape[0]
         prompt = samples.get("prompt", self.prompt) or ""
-        opt_tokens = self.opt_tokenizer([prompt] * batch, return_tensors="pt").to(features.device)
-        attention_mask = torch.cat([opt_tokens.attention_mask.new_ones(inputs_opt.shape[:2]),
-                                    opt_tokens.attention_mask], dim=1)
-        if use_nucleus_sampling:
-            query_embeds, num_beams = inputs_opt.repeat_interleave(num_captions, dim=0), 1
-        else:
-            query_embeds = inputs_opt.repeat_interleave(num_beams, dim=0)
-        with self.llm_autocast():
-            outputs = self.opt_model.generate(
-                input_ids=opt_tokens.input_ids, query_embeds=query_embeds.to(self.opt_model.dtype),
-                attention_mask=attention_mask, do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature,
-                num_beams=num_beams, max_new_tokens=max_length, min_length=min_length, eos_token_id=self.eos_token_id,
-                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                num_return_sequences=num_captions,
-            )
-        texts = self.opt_tokenizer.batch_decode(outputs[:, opt_tokens.input_ids.shape[1]:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return self.generate_after_prompt(
+            self.video_prompt(features, mask), [prompt] * features.shape[0], self.llm_autocast(),
+            num_beams=num_beams, do_sample=use_nucleus_sampling, num_captions=num_captions, top_p=top_p,
+            temperature=temperature, max_new_tokens=max_length, min_length=min_length,
+            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+        )
 
 
 @registry.register_model("video_opt_pformer")
