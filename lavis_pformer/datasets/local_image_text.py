@@ -56,7 +56,6 @@ palette and RGBA images are converted to RGB. LAVIS sets PIL's ``LOAD_TRUNCATED_
 so a truncated but otherwise valid image still loads (with its missing part blank).
 """
 
-import json
 import logging
 import os
 import sys
@@ -65,12 +64,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
 
+from lavis.common.dist_utils import get_world_size, is_main_process
 from lavis.common.registry import registry
 from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEvalDataset
 from lavis.datasets.datasets.coco_vqa_datasets import COCOVQAEvalDataset
 from omegaconf import OmegaConf
 
 from lavis_pformer.datasets.compact import CompactAnnotationView, CompactCaptions
+from lavis_pformer.datasets.files import check_folder, load_json, local_path
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from lavis_pformer.errors import ConfigError, DataError, MissingFileError, UserError
 from PIL import Image
@@ -110,28 +111,9 @@ def load_rgb_image(path):
         ) from e
 
 
-def _abs(path):
-    return os.path.abspath(os.path.expanduser(str(path)))
-
-
-def _load_json(path, what, key):
-    """Parse a JSON file; ``key`` is the config key that names it, quoted in errors."""
-    if not os.path.isfile(path):
-        state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise MissingFileError(
-            f"{what} {path} {state} (cwd {os.getcwd()}). Fix {key}: relative paths are resolved "
-            "against the current working directory."
-        )
-    try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
-
-
 def _load_records(path, key, required):
     """A JSON list of objects that all have the ``required`` keys."""
-    records = _load_json(path, "annotation file", key)
+    records = load_json(path, "annotation file", key)
     if not isinstance(records, list):
         raise DataError(
             f"annotation file {path}: expected a JSON list of objects with keys {list(required)}, "
@@ -167,24 +149,28 @@ def check_images_setting(value, key):
     raise ConfigError(f"{key} must be auto, true or false, got {value!r}")
 
 
-def find_unreadable_images(paths, label, setting="auto"):
-    """{path: problem} of the images among ``paths`` that are missing or do not decode.
-
-    ``setting``: True checks every image, False none, "auto" checks when there are at most
-    ``CHECK_IMAGES_AUTO_LIMIT`` distinct images (else it says so and checks none). Under torch.distributed
-    rank 0 checks (a progress bar on a terminal) and sends the result to the other ranks.
-    """
-    paths = list(dict.fromkeys(paths))
-    if setting is False:
-        return {}
-    if setting == "auto" and len(paths) > CHECK_IMAGES_AUTO_LIMIT:
+def images_checked(count, label, setting="auto"):
+    """Whether ``count`` distinct images are checked before training: True checks every image, False none,
+    "auto" checks at most ``CHECK_IMAGES_AUTO_LIMIT`` (and says so when there are more)."""
+    if setting == "auto" and count > CHECK_IMAGES_AUTO_LIMIT:
         logger.info("%s: %d images, more than %d: not checked before training (set build_info.check_images: "
                     "true to check them all); unreadable ones fail (or are skipped, see max_bad_images) when read",
-                    label, len(paths), CHECK_IMAGES_AUTO_LIMIT)
+                    label, count, CHECK_IMAGES_AUTO_LIMIT)
+        return False
+    return setting is not False
+
+
+def find_unreadable_images(paths, label, setting="auto"):
+    """{path: problem} of the images among ``paths`` that are missing or do not decode, when
+    :func:`images_checked`. Under torch.distributed rank 0 checks (a progress bar on a terminal) and sends the
+    result to the other ranks.
+    """
+    paths = list(dict.fromkeys(paths))
+    if not images_checked(len(paths), label, setting):
         return {}
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = get_world_size() > 1
     found = [None]
-    if not distributed or dist.get_rank() == 0:
+    if is_main_process():
         start = time.time()
         workers = min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
@@ -301,23 +287,7 @@ class LocalVQAEvalDataset(COCOVQAEvalDataset):
 
 
 class _LocalImageTextBuilder(LocalDatasetBuilder):
-    """Shared parts: default-config merge, no download, path and image-folder checks."""
-
-    NAME = None
-    SPLITS = ("train", "val", "test")
-
-    def _key(self, *parts):
-        return ".".join(("datasets", self.NAME, "build_info") + parts)
-
-    def _path(self, node, field, key, required=True):
-        value = None if OmegaConf.is_missing(node, field) else node.get(field)
-        if value in (None, ""):
-            if required:
-                raise ConfigError(f"set {key} to a local path.")
-            return None
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a single path, got {value!r}.")
-        return _abs(value)
+    """Shared parts: the image folder and first-image checks."""
 
     def _image_root(self):
         info = self.config.build_info.get("images")
@@ -325,31 +295,9 @@ class _LocalImageTextBuilder(LocalDatasetBuilder):
         if info is None:
             raise ConfigError(f"set {key} to the local image folder.")
         root = self._path(info, "storage", key)
-        if not os.path.isdir(root):
-            state = "is not a folder" if os.path.exists(root) else "does not exist"
-            raise MissingFileError(
-                f"image folder {root} {state} (cwd {os.getcwd()}). Fix {key}: it is the folder the "
-                "annotation 'image' paths are relative to; relative paths are resolved against the "
-                "current working directory."
-            )
+        check_folder(root, "image folder", key, ": it is the folder the annotation 'image' paths are relative to; "
+                     "relative paths are resolved against the current working directory.")
         return root
-
-    def _splits(self):
-        annotations = self.config.build_info.get("annotations") or {}
-        splits = {}
-        for split, info in annotations.items():
-            if split not in self.SPLITS:
-                raise ConfigError(
-                    f"{self._key('annotations', split)}: unknown split; {self.NAME} takes "
-                    f"{list(self.SPLITS)}."
-                )
-            splits[split] = info
-        if not splits:
-            raise ConfigError(
-                f"set {self._key('annotations')}.<split>.storage for at least one of "
-                f"{list(self.SPLITS)}."
-            )
-        return splits
 
     @staticmethod
     def _check_first_image(root, records, ann_path):
@@ -454,11 +402,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
                 "%s: %d of %d captions are empty or blank; they are kept (the model learns to say nothing for those "
                 "images): remove them from the file if that is not intended.", path, count, total[path],
             )
-        wanted = check is True or (check == "auto" and records.num_image_files() <= CHECK_IMAGES_AUTO_LIMIT)
-        if check == "auto" and not wanted:
-            logger.info("datasets.local_caption train: %d images, more than %d: not checked before training (set "
-                        "build_info.check_images: true to check them all); unreadable ones fail (or are skipped, see "
-                        "max_bad_images) when read", records.num_image_files(), CHECK_IMAGES_AUTO_LIMIT)
+        wanted = images_checked(records.num_image_files(), "datasets.local_caption train", check)
         images = [_image_path(root, p) for p in records.image_files()] if wanted else []
         return records, images
 
@@ -469,7 +413,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
             storage = [storage]
         if not storage:
             raise ConfigError(f"set {key} to a local captions JSON file or a list of files.")
-        return [_abs(p) for p in storage]
+        return [local_path(p) for p in storage]
 
     @staticmethod
     def _check_captions(records, path):
@@ -531,7 +475,7 @@ class LocalVQABuilder(_LocalImageTextBuilder):
                 raise unreadable_images_error(bad, len(set(images)), label, (
                     "Evaluation needs every image: replace them or remove their questions from the three VQA files."))
             if alist is not None:
-                answers = _load_json(alist, "answer list", k("answer_list"))
+                answers = load_json(alist, "answer list", k("answer_list"))
                 if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
                     raise DataError(f"answer list {alist} must be a JSON list of strings.")
             datasets[split] = self.eval_dataset_cls(
@@ -552,14 +496,14 @@ class LocalVQABuilder(_LocalImageTextBuilder):
                     f"annotation file {storage}, entry {i}: question_id {rec['question_id']!r} must "
                     "be an integer (LAVIS's VQA task reads it back with .item())."
                 )
-        questions = _load_json(qfile, "VQA question file", k("question_file"))
+        questions = load_json(qfile, "VQA question file", k("question_file"))
         missing = [key for key in _VQA_QUESTION_KEYS if not isinstance(questions, dict) or key not in questions]
         if missing:
             raise DataError(
                 f"VQA question file {qfile} lacks {missing}: LAVIS's VQA scorer needs a VQAv2 question "
                 f"file with keys {list(_VQA_QUESTION_KEYS)}."
             )
-        annotations = _load_json(afile, "VQA annotation file", k("annotation_file"))
+        annotations = load_json(afile, "VQA annotation file", k("annotation_file"))
         if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list):
             raise DataError(
                 f"VQA annotation file {afile} must be a JSON object with an \"annotations\" list "

@@ -60,6 +60,7 @@ from lavis.common.registry import registry
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from omegaconf import OmegaConf
 
+from lavis_pformer.datasets.files import check_folder, load_json, local_path
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from lavis_pformer.errors import ConfigError, DataError, MissingFileError, OutputFolderError
 from torch.utils.data.dataloader import default_collate
@@ -153,17 +154,7 @@ def pad_clips(features, max_clips=None):
 
 def load_vatex_captions(path, key="build_info.annotations.<split>.storage"):
     """[(videoID, [English captions])] from a VATEX-format JSON file; errors name the file and entry."""
-    if not os.path.isfile(path):
-        state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise MissingFileError(
-            f"caption file {path} {state} (cwd {os.getcwd()}). Fix {key}: relative paths are resolved against "
-            "the current working directory."
-        )
-    try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"caption file {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
+    records = load_json(path, "caption file", key)
     if not isinstance(records, list):
         raise DataError(
             f"caption file {path}: expected VATEX's layout, a JSON list of {{\"videoID\": str, \"enCap\": [str, "
@@ -288,42 +279,36 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
     """VATEX-style video captions over precomputed clip features (see the module docstring)."""
 
     NAME = "video_features_caption"
-    SPLITS = ("train", "val", "test")
     DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "video_features_caption.yaml")}
     train_dataset_cls, eval_dataset_cls = VideoFeatureCaptionDataset, VideoFeatureCaptionEvalDataset
-
-    def _key(self, *parts):
-        return ".".join(("datasets", self.NAME) + parts)
 
     def _settings(self):
         feat_dim, max_clips = self.config.get("feat_dim"), self.config.get("max_clips")
         for key, value in (("feat_dim", feat_dim), ("max_clips", max_clips)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{self._key(key)} must be a positive integer, got {value!r}")
+                raise ConfigError(f"datasets.{self.NAME}.{key} must be a positive integer, got {value!r}")
         sampling = self.config.get("clip_sampling", "uniform")
         if sampling not in CLIP_SAMPLING:
-            raise ConfigError(f"{self._key('clip_sampling')} must be one of {list(CLIP_SAMPLING)}, got {sampling!r}")
+            raise ConfigError(f"datasets.{self.NAME}.clip_sampling must be one of {list(CLIP_SAMPLING)}, "
+                              f"got {sampling!r}")
         return feat_dim, max_clips, sampling
 
     def _features_root(self):
-        key = self._key("build_info", "features", "storage")
+        key = self._key("features", "storage")
         info = self.config.build_info.get("features")
-        value = None if info is None or OmegaConf.is_missing(info, "storage") else info.get("storage")
-        if not isinstance(value, str) or not value:
+        if info is None:
             raise ConfigError(f"set {key} to the folder holding one <videoID>.npy per video.")
-        root = os.path.abspath(os.path.expanduser(value))
-        if not os.path.isdir(root):
-            state = "is not a folder" if os.path.exists(root) else "does not exist"
-            raise MissingFileError(f"feature folder {root} {state} (cwd {os.getcwd()}). Fix {key}.")
+        root = self._path(info, "storage", key)
+        check_folder(root, "feature folder", key)
         return root
 
     def _split_videos(self, split, info):
-        key = self._key("build_info", "annotations", split, "storage")
+        key = self._key("annotations", split, "storage")
         storage = None if OmegaConf.is_missing(info, "storage") else info.get("storage")
         paths = [storage] if isinstance(storage, str) else list(storage or [])
         if not paths:
             raise ConfigError(f"set {key} to a VATEX-format caption file (or a list of files).")
-        paths = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+        paths = [local_path(p) for p in paths]
         videos, seen = [], {}
         for path in paths:
             for video_id, caps in load_vatex_captions(path, key):
@@ -350,16 +335,9 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
         self.build_processors()
         feat_dim, max_clips, sampling = self._settings()
         root = self._features_root()
-        annotations = self.config.build_info.get("annotations") or {}
-        unknown = [s for s in annotations if s not in self.SPLITS]
-        if unknown or not annotations:
-            raise ConfigError(
-                f"{self._key('build_info', 'annotations')}: give at least one of {list(self.SPLITS)}"
-                + (f"; unknown split(s) {unknown}" if unknown else "")
-            )
         gt_dir = self.config.build_info.get("gt_dir") or DEFAULT_GT_DIR
         datasets = {}
-        for split, info in annotations.items():
+        for split, info in self._splits().items():
             paths, videos = self._split_videos(split, info)
             self._check_features(root, videos, feat_dim, split)
             common = dict(features_root=root, videos=videos, feat_dim=feat_dim, max_clips=max_clips,
