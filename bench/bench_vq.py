@@ -22,6 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import measure as M  # noqa: E402
+import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -71,7 +73,7 @@ def main(argv=None):
     C.quiet()
     from lavis_pformer.losses import nearest_codebook_rows, vq_commitment_loss
 
-    machine = C.machine_info(args.device)
+    machine = R.machine_info(args.device)
     vocabs = [int(v) for v in args.vocab.split(",") if v.strip()]
     results, rows = [], []
     for vocab in vocabs:
@@ -87,20 +89,20 @@ def main(argv=None):
             prompt.grad = None
             dense_vq_loss(prompt, codebook)[0].backward()
 
-        times = C.time_interleaved({"chunked": chunked, "dense": dense}, args.repeats, args.warmup, args.device)
+        times = M.time_interleaved({"chunked": chunked, "dense": dense}, args.repeats, args.warmup, args.device)
         def no_grad():
             prompt.grad = None
 
-        peaks = {"chunked": C.peak_memory(chunked, args.device, before=no_grad),
-                 "dense": C.peak_memory(dense, args.device, before=no_grad)}
+        peaks = {"chunked": M.peak_memory(chunked, args.device, before=no_grad),
+                 "dense": M.peak_memory(dense, args.device, before=no_grad)}
         with torch.no_grad():
             idx_chunked = nearest_codebook_rows(prompt, codebook, args.chunk_size)
             loss_dense, idx_dense = dense_vq_loss(prompt, codebook)
             loss_chunked = vq_commitment_loss(prompt, codebook, args.chunk_size)
         same_rows = float((idx_chunked == idx_dense).float().mean())
-        r = C.ratio_summary(times["chunked"], times["dense"])
-        res = dict(vocab=vocab, hidden=args.hidden, tokens=args.tokens, chunked=C.summarize(times["chunked"]),
-                   dense=C.summarize(times["dense"]), chunked_peak_bytes=peaks["chunked"],
+        r = M.ratio_summary(times["chunked"], times["dense"])
+        res = dict(vocab=vocab, hidden=args.hidden, tokens=args.tokens, chunked=M.summarize(times["chunked"]),
+                   dense=M.summarize(times["dense"]), chunked_peak_bytes=peaks["chunked"],
                    dense_peak_bytes=peaks["dense"], time_ratio=r,
                    peak_ratio=peaks["chunked"] / peaks["dense"], same_rows_fraction=same_rows,
                    loss_chunked=float(loss_chunked), loss_dense=float(loss_dense),
@@ -109,27 +111,27 @@ def main(argv=None):
         for key in ("chunked", "dense"):
             s = res[key]
             rows.append([f"{vocab:,}", "vq_commitment_loss (chunked)" if key == "chunked" else "dense [N,V] + one-hot",
-                         C.fmt_s(s["median"]), C.fmt_spread(s),
+                         R.fmt_s(s["median"]), R.fmt_spread(s),
                          f"**{r['ratio']:.3f}x**" if key == "chunked" else "1",
                          f"{r['paired_min']:.3f}–{r['paired_max']:.3f}" if key == "chunked" else "",
                          f"{r['min_ratio']:.3f}x" if key == "chunked" else "",
-                         C.fmt_mb(peaks[key]), f"**{res['peak_ratio']:.3f}x**" if key == "chunked" else "1",
+                         R.fmt_mb(peaks[key]), f"**{res['peak_ratio']:.3f}x**" if key == "chunked" else "1",
                          f"{same_rows:.4f}" if key == "chunked" else ""])
         print(f"V={vocab}: time {r['ratio']:.3f}x, peak {res['peak_ratio']:.3f}x", flush=True)
         del codebook, prompt
     headers = ["V", "formulation", "step ms (median)", "IQR (min–max) ms", "time ratio", "paired ratio min–max",
                "ratio of minima",
                "peak MB above start", "peak ratio", "same nearest rows"]
-    md = C.markdown_table(headers, rows)
+    md = R.markdown_table(headers, rows)
     sizes_line = (f"N={args.tokens} prompt vectors, H={args.hidden}, codebook {args.codebook_dtype}, "
                   f"chunk {args.chunk_size}, {args.device}")
     notes = ["ratios: chunked / dense (below 1: the project's loss is faster / smaller).",
-             f"memory: {C.MEMORY_METHOD[C.device_tag(args.device)]}; the codebook and prompt exist before the step."]
-    print(f"\n{SCRIPT}: {sizes_line}\n{C.machine_line(machine)}\n\n{md}\n")
+             f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}; the codebook and prompt exist before the step."]
+    print(f"\n{SCRIPT}: {sizes_line}\n{R.machine_line(machine)}\n\n{md}\n")
     for n in notes:
         print("- " + n)
     payload = dict(machine=machine, sizes_line=sizes_line, args=vars(args), argv=argv, results=results)
-    paths = C.write_results(SCRIPT, args, payload, md, notes)
+    paths = R.write_results(SCRIPT, args, payload, md, notes)
     print("wrote", *paths)
     return payload
 
