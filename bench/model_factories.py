@@ -65,17 +65,11 @@ def stock_model(lavis_cls, sizes, visual_encoder=None, **kwargs):
 def make_teacher(sizes, out_dir, llm_name=None, llm_hidden_size=None, filename="pformer.pth"):
     """A randomly initialised P-Former (the BERT of ``sizes``, Q, the LLM width) saved with ``PFormer.save``.
     Default LLM: the OPT of ``sizes``."""
-    from transformers import BertConfig
+    from lavis_pformer.pformer import save_untrained_pformer
 
-    from lavis_pformer.pformer import PFormer
-
-    torch.manual_seed(1)
-    teacher = PFormer(BertConfig.from_pretrained(sizes["bert"]), sizes["num_query_token"],
-                      llm_hidden_size or sizes["llm_hidden_size"], llm_name or sizes["opt"], embed_dim=256,
-                      bert_model=sizes["bert"])
-    path = os.path.join(out_dir, filename)
-    teacher.save(path)
-    return path
+    return save_untrained_pformer(os.path.join(out_dir, filename), sizes["bert"], sizes["num_query_token"],
+                                  llm_hidden_size or sizes["llm_hidden_size"], llm_name or sizes["opt"], embed_dim=256,
+                                  seed=1, bert_weights=False)
 
 
 def ensure_process_group(device):
