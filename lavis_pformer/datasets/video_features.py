@@ -1,52 +1,8 @@
 """Video captioning on precomputed clip features, registered as the LAVIS builder ``video_features_caption``.
 
-Nothing is ever downloaded; relative paths are resolved against the current working directory::
-
-    datasets:
-      video_features_caption:
-        feat_dim: 1024              # width of a clip feature (I3D: 1024)
-        max_clips: 32               # longer videos are subsampled to this many clips
-        clip_sampling: uniform      # uniform (default) | truncate
-        build_info:
-          features: {storage: DIR}                  # one <videoID>.npy per video
-          annotations:
-            train: {storage: DIR/vatex_train.json}  # a path or a list of paths
-            val:   {storage: DIR/vatex_val.json}
-            test:  {storage: DIR/vatex_test.json}
-          gt_dir: ""                # where the COCO ground truth of val/test is written
-                                    # ("" = output/cache/video_features_caption under the cwd)
-
-Caption files use VATEX's layout: a JSON list of ``{"videoID": str, "enCap": [str, ...], ...}`` (other
-keys, e.g. ``chCap``, are ignored). Feature files are ``<features>/<videoID>.npy`` holding a float array
-``[clips, feat_dim]``; VATEX's released I3D files are ``[1, clips, 1024]`` and the leading 1 is dropped.
-
-Splits
-------
-- ``train`` -> :class:`VideoFeatureCaptionDataset`: one item per (video, caption) pair,
-  ``{"clip_features": [clips, D] float, "text_input": processed caption, "image_id": video index,
-  "instance_id"}``.
-- ``val`` / ``test`` -> :class:`VideoFeatureCaptionEvalDataset`: one item per video,
-  ``{"clip_features", "image_id": int (the video's index in the split), "instance_id"}``. The dataset's
-  ``coco_gt_file`` is a COCO caption ground truth of the split (every ``enCap`` of every video, ids = those
-  ``image_id``), written at build time into ``gt_dir`` under a name that includes a hash of the caption
-  files, so the offline captioning evaluation (task ``captioning_pformer``) scores the split locally.
-  ``video_ids`` maps ``image_id`` back to the ``videoID``.
-
-Clips and batches
------------------
-A video with more than ``max_clips`` clips is **uniformly subsampled** (``clip_sampling: uniform``: clips
-at evenly spaced positions over the whole video, first and last included, order kept), so the model sees
-the whole video as I3D pipelines usually do; ``truncate`` keeps the first ``max_clips`` instead. The
-collater pads to the longest video of the batch (never more than ``max_clips``) with zeros and returns
-``clip_mask`` [B, T] (long, 1 = real clip, 0 = padding) next to ``clip_features`` [B, T, D].
-
-Errors
-------
-Problems with the data are found at build when cheap (malformed caption file, duplicate ``videoID``,
-a video without English captions, missing feature files, a wrong shape of the first feature file) and at
-``__getitem__`` otherwise; every error names the file: :class:`FeatureFileError` (a ``ValueError``) for an
-unreadable file, a wrong number of dimensions, a wrong feature width, no clips or non-finite values;
-``FileNotFoundError`` for a missing file.
+Captions in VATEX's layout, one ``<videoID>.npy`` of clip features per video; train items are (video, caption)
+pairs, val / test items videos scored against a COCO ground truth written at build. Nothing is downloaded; errors
+name the file (:class:`FeatureFileError` for a feature file that cannot be used). Formats and settings: docs/data.md.
 """
 
 import hashlib
@@ -276,7 +232,7 @@ class VideoFeatureCaptionEvalDataset(VideoFeatureCaptionDataset):
 
 @registry.register_builder("video_features_caption")
 class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
-    """VATEX-style video captions over precomputed clip features (see the module docstring)."""
+    """VATEX-style video captions over precomputed clip features (docs/data.md)."""
 
     NAME = "video_features_caption"
     DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "video_features_caption.yaml")}
