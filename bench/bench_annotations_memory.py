@@ -217,6 +217,28 @@ NOTES = [
 ]
 
 
+def annotation_file(workdir, pairs):
+    """The synthetic annotation file of ``pairs`` pairs in ``workdir``, written unless it is there (kept for reruns)."""
+    path = os.path.join(workdir, f"captions_{pairs}.json")
+    if not os.path.isfile(path):
+        start = time.perf_counter()
+        write_annotations(path, pairs)
+        print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
+def compact_ratios(results):
+    """compact / LAVIS of the memory summaries (and of the totals above the baseline), when both ran."""
+    if "lavis" not in results or "compact" not in results:
+        return {}
+    lv, cp = results["lavis"]["summary"], results["compact"]["summary"]
+    ratios = {k: cp[k] / lv[k] for k in ("rank_pss", "worker_pss", "total_pss", "rank_peak_rss") if lv[k]}
+    if "baseline" in results:
+        b = results["baseline"]["summary"]["total_pss"]
+        ratios["above_baseline"] = (cp["total_pss"] - b) / (lv["total_pss"] - b)
+    return ratios
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4_000_000)
@@ -239,11 +261,7 @@ def main(argv=None):
     args.device = "cpu"
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_annotations_")
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f"captions_{args.pairs}.json")
-    if not os.path.isfile(path):
-        start = time.perf_counter()
-        write_annotations(path, args.pairs)
-        print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
+    path = annotation_file(workdir, args.pairs)
     results = {}
     for variant in variants:
         results[variant] = run_variant(variant, args, path, workdir)
@@ -255,23 +273,13 @@ def main(argv=None):
     sizes_line = (f"{args.pairs:,} pairs ({os.path.getsize(path) / R.MB:,.0f} MB JSON list), {args.ranks} ranks x "
                   f"{args.workers} workers, gloo, fork")
     md = table(results, args)
-    ratios = {}
-    if "lavis" in results and "compact" in results:
-        lv, cp = results["lavis"]["summary"], results["compact"]["summary"]
-        ratios = {k: cp[k] / lv[k] for k in ("rank_pss", "worker_pss", "total_pss", "rank_peak_rss") if lv[k]}
-        if "baseline" in results:
-            b = results["baseline"]["summary"]["total_pss"]
-            ratios["above_baseline"] = (cp["total_pss"] - b) / (lv["total_pss"] - b)
+    ratios = compact_ratios(results)
     notes = NOTES + (["compact / LAVIS: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items())] if ratios else [])
-    print(f"\n{SCRIPT}: {sizes_line}\n{R.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
     payload = dict(machine=machine, sizes_line=sizes_line, args={k: v for k, v in vars(args).items()
                                                                  if k not in ("rank_process", "variant", "file", "out")},
                    argv=argv, annotation_file_bytes=os.path.getsize(path), ratios=ratios,
                    results=list(results.values()))
-    written = R.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *written)
+    R.publish(SCRIPT, args, machine, sizes_line, md, notes, payload)
     return payload
 
 

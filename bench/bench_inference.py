@@ -97,25 +97,8 @@ def build_models(sizes, teacher, work):
                              pformer_instances_after_deleting_training_model=instances_after_training_model)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=8, batch_paper=32, warmup=1)
-    parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--caption-max-len", type=int, default=30, help="max new tokens of generate")
-    parser.add_argument("--vqa-max-len", type=int, default=10, help="max new tokens of the VQA answer")
-    args = C.finish_args(parser.parse_args(argv))
-    if args.amp:
-        print("note: --amp does not apply to inference (the models autocast on CUDA themselves)")
-    C.quiet()
-    machine = R.machine_info(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench_inference_") as work:
-        sizes = BS.resolve_sizes(args, work)
-        teacher = MF.make_teacher(sizes, work)
-        with BS.random_init_backbones(args.device if args.size == "paper" else "cpu"):
-            ours, stock, ckpt_info = build_models(sizes, teacher, work)
-    ours.to(args.device).eval()
-    stock.to(args.device).eval()
-    image = MF.images(args.batch, sizes["image_size"], args.device)
+def timed_calls(ours, stock, image, args):
+    """{name: call} of generate and VQA for both models, and the dict where each call leaves its output."""
     gen_kwargs = dict(num_beams=args.num_beams, max_length=args.caption_max_len, min_length=1)
     vqa_prompt = VQA_PROMPT.format(QUESTION)
     outputs = {}
@@ -135,16 +118,13 @@ def main(argv=None):
             {"image": image, "prompt": vqa_prompt}, num_beams=args.num_beams, max_length=args.vqa_max_len,
             min_length=1, length_penalty=-1)),
     }
-    times = M.time_interleaved(fns, args.repeats, args.warmup, args.device)
-    peaks = {k: M.peak_memory(f, args.device) for k, f in fns.items()}
+    return fns, outputs
+
+
+def tabulate(times, peaks, outputs, models, presence):
+    """Results per task (generate, VQA) and the table."""
     same = {"generate": outputs["ours_generate"] == outputs["stock_generate"],
             "vqa": outputs["ours_vqa"] == outputs["stock_vqa"]}
-    presence = dict(
-        ours_pformer_params=pformer_params(ours), stock_pformer_params=pformer_params(stock),
-        ours_has_teacher=getattr(ours, "pformer_teacher", None) is not None,
-        pformer_instances_in_process=pformer_instances(), **ckpt_info)
-    models = {key: dict(params=M.param_count(m), model_bytes=M.module_bytes(m)) for key, m in
-              (("ours", ours), ("stock", stock))}
     rows, results = [], {}
     for task, label in (("generate", "generate (caption)"), ("vqa", "VQA: predict_answers / stock generate")):
         r = M.ratio_summary(times[f"ours_{task}"], times[f"stock_{task}"])
@@ -163,9 +143,41 @@ def main(argv=None):
     headers = ["call", "model", "ms (median)", "IQR (min–max) ms", "time ratio", "paired ratio min–max",
                "ratio of minima",
                "peak MB above start", "parameters", "P-Former parameters", "same outputs"]
-    md = R.markdown_table(headers, rows)
+    return results, R.markdown_table(headers, rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=8, batch_paper=32, warmup=1)
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--caption-max-len", type=int, default=30, help="max new tokens of generate")
+    parser.add_argument("--vqa-max-len", type=int, default=10, help="max new tokens of the VQA answer")
+    args = C.finish_args(parser.parse_args(argv))
+    if args.amp:
+        print("note: --amp does not apply to inference (the models autocast on CUDA themselves)")
+    C.quiet()
+    machine = R.machine_info(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as work:
+        sizes = BS.resolve_sizes(args, work)
+        teacher = MF.make_teacher(sizes, work)
+        with BS.random_init_backbones(args.device if args.size == "paper" else "cpu"):
+            ours, stock, ckpt_info = build_models(sizes, teacher, work)
+    ours.to(args.device).eval()
+    stock.to(args.device).eval()
+    image = MF.images(args.batch, sizes["image_size"], args.device)
+    fns, outputs = timed_calls(ours, stock, image, args)
+    times = M.time_interleaved(fns, args.repeats, args.warmup, args.device)
+    peaks = {k: M.peak_memory(f, args.device) for k, f in fns.items()}
+    presence = dict(
+        ours_pformer_params=pformer_params(ours), stock_pformer_params=pformer_params(stock),
+        ours_has_teacher=getattr(ours, "pformer_teacher", None) is not None,
+        pformer_instances_in_process=pformer_instances(), **ckpt_info)
+    models = {key: dict(params=M.param_count(m), model_bytes=M.module_bytes(m)) for key, m in
+              (("ours", ours), ("stock", stock))}
+    results, md = tabulate(times, peaks, outputs, models, presence)
     sizes_line = (f"{args.size}, {sizes['bert_desc']}, {sizes['opt_desc']}, {sizes['vit_desc']}, "
                   f"Q={sizes['num_query_token']}, batch {args.batch}, beams {args.num_beams}, {args.device}")
+    vqa_prompt = VQA_PROMPT.format(QUESTION)
     prompt_tokens = len(stock.opt_tokenizer(vqa_prompt).input_ids)
     ok = (presence["ours_pformer_params"] == 0 and not presence["ours_has_teacher"]
           and presence["pformer_instances_in_process"] == 0 and presence["checkpoint_teacher_tensors"] == 0)
@@ -182,15 +194,11 @@ def main(argv=None):
         notes.append(f"the VQA prompt has {prompt_tokens} OPT tokens > max_txt_len {sizes['max_txt_len']}: "
                      "predict_answers truncates it and LAVIS's generate does not, so the two VQA rows differ in "
                      "work and answers; raise --max-txt-len for a like-for-like comparison.")
-    print(f"\n{SCRIPT}: {sizes_line}\n{R.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
     payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
                    results=results, models=models, pformer_presence=presence, pformer_free=ok,
                    vqa_prompt=vqa_prompt, vqa_prompt_tokens=prompt_tokens,
                    times_s=times, peak_bytes=peaks)
-    paths = R.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, md, notes, payload)
     if not ok:
         raise SystemExit("FAIL: a P-Former is in memory or in the checkpoint of the inference model")
     return payload

@@ -43,25 +43,11 @@ def build(sizes, args):
     return MF.build_registered("pformer_opt", cfg)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=32, batch_paper=128, warmup=2)
-    parser.add_argument("--vq-chunk-size", type=int, default=8192)
-    parser.add_argument("--variants", default="all", help="'all' or 'default' (the full loss only)")
-    args = C.finish_args(parser.parse_args(argv))
-    C.quiet()
-    machine = R.machine_info(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench_stage0_") as work:
-        sizes = BS.resolve_sizes(args, work)
-        with BS.random_init_backbones(args.device if args.size == "paper" else "cpu"):
-            model = build(sizes, args)
-    model.to(args.device)
-    texts = MF.captions(args.batch, seed=3)
-    samples = {"text_input": texts}
+def training_steps(model, samples, variants, args):
+    """{variant: one training step with its loss weights}, the optimizer, and {variant: its last losses}."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
     scaler = torch.cuda.amp.GradScaler() if args.amp else None
-    variants = VARIANTS if args.variants == "all" else {k: v for k, v in VARIANTS.items() if "default" in k}
     last = {}
 
     def step_with(name):
@@ -84,11 +70,11 @@ def main(argv=None):
 
         return step
 
-    fns = {name: step_with(name) for name in variants}
-    times = M.time_interleaved(fns, args.repeats, args.warmup, args.device)
-    peaks = {name: M.peak_memory(fn, args.device, before=lambda: optimizer.zero_grad(set_to_none=True))
-             for name, fn in fns.items()}
-    model.weights["c"], model.weights["vq"] = 1.0, 1.0
+    return {name: step_with(name) for name in variants}, optimizer, last
+
+
+def tabulate(variants, times, peaks, last, args):
+    """Results per variant and the table rows; ratios against the LM loss alone."""
     base = "lm only" if "lm only" in variants else next(iter(variants))
     results, rows = {}, []
     for name in variants:
@@ -103,7 +89,30 @@ def main(argv=None):
                      f"{r['ratio']:.3f}x", f"{r['min_ratio']:.3f}x", R.fmt_mb(peaks[name])])
     headers = ["loss terms", "sentences/s (median)", "sentences/s min–max", "step ms (median)",
                "IQR (min–max) ms", f"time ratio vs {base}", "ratio of minima", "step peak MB"]
-    md = R.markdown_table(headers, rows)
+    return results, R.markdown_table(headers, rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=32, batch_paper=128, warmup=2)
+    parser.add_argument("--vq-chunk-size", type=int, default=8192)
+    parser.add_argument("--variants", default="all", help="'all' or 'default' (the full loss only)")
+    args = C.finish_args(parser.parse_args(argv))
+    C.quiet()
+    machine = R.machine_info(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_stage0_") as work:
+        sizes = BS.resolve_sizes(args, work)
+        with BS.random_init_backbones(args.device if args.size == "paper" else "cpu"):
+            model = build(sizes, args)
+    model.to(args.device)
+    samples = {"text_input": MF.captions(args.batch, seed=3)}
+    variants = VARIANTS if args.variants == "all" else {k: v for k, v in VARIANTS.items() if "default" in k}
+    fns, optimizer, last = training_steps(model, samples, variants, args)
+    times = M.time_interleaved(fns, args.repeats, args.warmup, args.device)
+    peaks = {name: M.peak_memory(fn, args.device, before=lambda: optimizer.zero_grad(set_to_none=True))
+             for name, fn in fns.items()}
+    model.weights["c"], model.weights["vq"] = 1.0, 1.0
+    results, md = tabulate(variants, times, peaks, last, args)
     sizes_line = (f"{args.size}, P-Former on {sizes['bert_desc']}, frozen {sizes['opt_desc']}, "
                   f"Q={sizes['num_query_token']}, batch {args.batch}, {args.device}"
                   f"{', amp fp16' if args.amp else ', fp32'}")
@@ -112,13 +121,9 @@ def main(argv=None):
     notes = [f"trainable parameters (the P-Former): {info['trainable_params']:,} of {info['params']:,}; AdamW state "
              f"{R.fmt_mb(info['optimizer_state_bytes'])} MB; params+buffers {R.fmt_mb(info['model_bytes'])} MB.",
              f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}."]
-    print(f"\n{SCRIPT}: {sizes_line}\n{R.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
     payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
                    results=results, model=info, times_s=times)
-    paths = R.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, md, notes, payload)
     return payload
 
 

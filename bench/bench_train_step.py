@@ -195,17 +195,9 @@ NOTES = [
 ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
-    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
-    args = C.finish_args(parser.parse_args(argv))
-    C.quiet()
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not stages or set(stages) - set(STAGES):
-        raise SystemExit(f"--stages: choose from {sorted(STAGES)}")
+def run_stages(stages, args):
+    """(sizes, [result of each stage]): the backbones and teachers built once, then each stage measured."""
     created_group = MF.ensure_process_group(args.device)
-    machine = R.machine_info(args.device)
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
@@ -228,19 +220,28 @@ def main(argv=None):
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    return sizes, results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
+    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
+    args = C.finish_args(parser.parse_args(argv))
+    C.quiet()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - set(STAGES):
+        raise SystemExit(f"--stages: choose from {sorted(STAGES)}")
+    machine = R.machine_info(args.device)
+    sizes, results = run_stages(stages, args)
     llms = ([sizes["opt_desc"]] if {"1", "2"} & set(stages) else []) + ([sizes["t5_desc"]] if "t5_desc" in sizes else [])
     sizes_line = (f"{args.size}, {sizes['bert_desc']}, {', '.join(llms)}, {sizes['vit_desc']}, "
                   f"Q={sizes['num_query_token']}, "
                   f"batch {args.batch}, {args.device}{', amp fp16' if args.amp else ', fp32'}")
-    md = table(results)
-    print(f"\n{SCRIPT}: {sizes_line}\n{R.machine_line(machine)}\n\n{md}\n")
     notes = NOTES + [f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}."]
-    for n in notes:
-        print("- " + n)
     payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
                    results=results)
-    paths = R.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, table(results), notes, payload)
     return payload
 
 

@@ -97,5 +97,15 @@ def write_results(script, args, payload, table, notes=()):
     return base + ".json", base + ".md"
 
 
+def publish(script, args, machine, sizes_line, table, notes, payload):
+    """Print the table and its notes, then write the result files (``write_results``); returns their paths."""
+    print(f"\n{script}: {sizes_line}\n{machine_line(machine)}\n\n{table}\n")
+    for n in notes:
+        print("- " + n)
+    paths = write_results(script, args, payload, table, notes)
+    print("wrote", *paths)
+    return paths
+
+
 def args_record(args):
     return {k: v for k, v in vars(args).items() if not k.startswith("_")}
