@@ -51,18 +51,10 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, Lemmat
                  for_training=False, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(**lavis_kwargs)
-        self._llm_name = lavis_kwargs.get("opt_model", self.DEFAULT_LLM)
-        self.opt_model = self.cast_llm(self.opt_model, llm_precision)
-        self.exclude_from_checkpoint("opt_model.")
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
-        self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=self.opt_model.config.hidden_size,
-            llm_name=lavis_kwargs.get("opt_model", self.DEFAULT_LLM), for_training=for_training,
-        )
-        self.setup_lm_weight(lm_weight)
-        self.setup_prompt_dtype()
+        self.setup_stage2(lavis_kwargs.get("opt_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
+                          pformer_checkpoint, for_training, lm_weight)
 
     @torch.no_grad()
     def predict_answers(self, samples, num_beams=5, inference_method="generate", max_len=10, min_len=1,

@@ -56,17 +56,9 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         with sentencepiece_conversion_errors():
             super().__init__(**lavis_kwargs)  # casts T5 to bf16
-        self._llm_name = lavis_kwargs.get("t5_model", self.DEFAULT_LLM)
-        self.t5_model = self.cast_llm(self.t5_model, llm_precision)
-        self.exclude_from_checkpoint("t5_model.")
         self.rng = random.Random(split_seed)
-        self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=self.t5_model.config.hidden_size,
-            llm_name=lavis_kwargs.get("t5_model", self.DEFAULT_LLM), for_training=for_training,
-        )
-        self.setup_lm_weight(lm_weight)
-        self.setup_prompt_dtype()
+        self.setup_stage2(lavis_kwargs.get("t5_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
+                          pformer_checkpoint, for_training, lm_weight)
 
     def prepare_lavis_samples(self, samples):
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.

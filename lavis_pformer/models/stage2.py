@@ -42,6 +42,20 @@ class Stage2Mixin:
     # None when it is the prompt's own context (Blip2OPT), bfloat16 for Blip2T5 (inside maybe_autocast(bf16)).
     CONCAT_AUTOCAST_DTYPE = None
 
+    def setup_stage2(self, llm_name, llm_precision, alignment_weight, pformer_checkpoint, for_training, lm_weight):
+        """After LAVIS's constructor: the frozen LLM cast to ``llm_precision`` and left out of checkpoints, the
+        alignment to the P-Former, ``lm_weight`` and the prompt's dtype."""
+        self._llm_name = llm_name
+        llm = self.cast_llm(getattr(self, self.LLM_KEY), llm_precision)
+        setattr(self, self.LLM_KEY, llm)
+        self.exclude_from_checkpoint(self.LLM_KEY + ".")
+        self.setup_alignment(
+            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
+            llm_hidden_size=llm.config.hidden_size, llm_name=llm_name, for_training=for_training,
+        )
+        self.setup_lm_weight(lm_weight)
+        self.setup_prompt_dtype()
+
     def setup_prompt_dtype(self):
         """Make LAVIS's ``torch.cat([prompt, token embeddings])`` work for every LLM precision under autocast.
 
