@@ -1,36 +1,9 @@
 """Video captioning on precomputed clip features with a frozen OPT (``video_opt_pformer``; paper Table 7, VATEX).
 
-    clip features [B, T <= max_clips, feat_dim] + clip_mask [B, T]
-      -> LayerNorm + learned temporal position embedding          (ln_features, clip_position)
-      -> connector: LAVIS's Q-Former BertModel, Q learned query tokens self-attending and cross-attending
-         to the (unmasked) clips                                  (Qformer, query_tokens) -> [B, Q, H_q]
-      -> opt_proj: Linear(H_q, H_llm)                              -> soft prompt [B, Q, H_llm]
-      -> frozen OPT reads [soft prompt ; caption tokens]          (captioning loss, ``loss_lm``)
-
-plus, as in image stage 2, ``loss_align = alignment_weight * MSE(opt_proj output, P-Former prompt(caption))``
-from :class:`~lavis_pformer.models.alignment.PFormerAlignmentMixin` and
-:func:`~lavis_pformer.losses.alignment_loss`, both unchanged.
-
-Why a Q-Former connector (and not a plain BERT encoder over the projected clips): its output always has
-Q = ``num_query_token`` positions whatever the number of clips, which is exactly the shape of the P-Former
-prompt [B, Q, H_llm] that the alignment loss compares it with; a plain encoder would output one vector per
-clip (a variable number, partly padding), leaving the alignment target undefined. Padding clips are
-excluded through the cross-attention mask, so the output does not depend on padding. The connector takes its
-config and initial weights from ``bert_model`` (bert-base-uncased in the paper-sized config; its
-cross-attention layers, every ``cross_attention_freq``-th block, are new), as BLIP-2's Q-Former does; its
-text-only parts (word/position embeddings, the text FFNs, the LM head) are removed, as LAVIS's Blip2OPT does.
-
-Trainable: ln_features, clip_position, query_tokens, Qformer, opt_proj. Frozen and never saved: the OPT
-(``opt_model.``) and the P-Former teacher. The teacher exists only when the model is built for training with
-``alignment_weight > 0`` (task ``captioning_pformer`` passes ``for_training``), so evaluation never needs it.
-
-``lm_weight`` scales the captioning loss; ``lm_weight: 0`` trains the connector on the alignment loss alone
-(the OPT is then not run in ``forward``): stage 1 of the two-stage schedule. ``loss_lm`` in the output is
-the weighted term, so ``loss = loss_lm + loss_align``.
-
-Samples: ``clip_features`` [B, T, feat_dim] float, ``clip_mask`` [B, T] (1 = clip, 0 = padding; all ones when
-absent), ``text_input`` (training). ``generate`` follows LAVIS's ``Blip2OPT.generate`` (beam search by default;
-the OPT continues the configurable ``prompt`` after the soft prompt).
+Clip features -> a Q-Former connector (Q query tokens cross-attending to the unmasked clips) -> ``opt_proj`` -> a
+soft prompt the frozen OPT reads (:mod:`~lavis_pformer.models.frozen_opt`), plus the alignment loss of image stage 2
+(:class:`~lavis_pformer.models.alignment.PFormerAlignmentMixin`). What it computes, what it trains and its samples:
+docs/training.md (Video captioning).
 """
 import logging
 import os
