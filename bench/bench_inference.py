@@ -36,9 +36,10 @@ import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 
+from lavis_pformer.models.pformer_pretrain import QA_PROMPT  # noqa: E402
+
 SCRIPT = "bench_inference"
 QUESTION = "what color is the circle?"
-VQA_PROMPT = "Question: {} Short answer:"
 
 
 def pformer_params(model):
@@ -100,7 +101,7 @@ def build_models(sizes, teacher, work):
 def timed_calls(ours, stock, image, args):
     """{name: call} of generate and VQA for both models, and the dict where each call leaves its output."""
     gen_kwargs = dict(num_beams=args.num_beams, max_length=args.caption_max_len, min_length=1)
-    vqa_prompt = VQA_PROMPT.format(QUESTION)
+    vqa_prompt = QA_PROMPT.format(QUESTION)
     outputs = {}
 
     def run(key, fn):
@@ -113,7 +114,7 @@ def timed_calls(ours, stock, image, args):
         "stock_generate": run("stock_generate", lambda: stock.generate({"image": image}, **gen_kwargs)),
         "ours_vqa": run("ours_vqa", lambda: ours.predict_answers(
             {"image": image, "text_input": [QUESTION] * args.batch}, num_beams=args.num_beams,
-            max_len=args.vqa_max_len, min_len=1, prompt=VQA_PROMPT, length_penalty=-1)),
+            max_len=args.vqa_max_len, min_len=1, prompt=QA_PROMPT, length_penalty=-1)),
         "stock_vqa": run("stock_vqa", lambda: stock.generate(
             {"image": image, "prompt": vqa_prompt}, num_beams=args.num_beams, max_length=args.vqa_max_len,
             min_length=1, length_penalty=-1)),
@@ -177,7 +178,7 @@ def main(argv=None):
     results, md = tabulate(times, peaks, outputs, models, presence)
     sizes_line = (f"{args.size}, {sizes['bert_desc']}, {sizes['opt_desc']}, {sizes['vit_desc']}, "
                   f"Q={sizes['num_query_token']}, batch {args.batch}, beams {args.num_beams}, {args.device}")
-    vqa_prompt = VQA_PROMPT.format(QUESTION)
+    vqa_prompt = QA_PROMPT.format(QUESTION)
     prompt_tokens = len(stock.opt_tokenizer(vqa_prompt).input_ids)
     ok = (presence["ours_pformer_params"] == 0 and not presence["ours_has_teacher"]
           and presence["pformer_instances_in_process"] == 0 and presence["checkpoint_teacher_tensors"] == 0)
