@@ -19,7 +19,6 @@ from lavis_pformer.errors import ConfigError, DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
 _VQA_QUESTION_KEYS = ("info", "task_type", "data_type", "data_subtype", "license", "questions")
 
 
@@ -72,7 +71,6 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
     """Image-caption pairs from local files (docs/data.md)."""
 
     NAME = "local_caption"
-    DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "local_caption.yaml")}
     train_dataset_cls, eval_dataset_cls = LocalCaptionDataset, LocalCaptionEvalDataset
 
     def build(self):
@@ -206,7 +204,6 @@ class LocalVQABuilder(_LocalImageTextBuilder):
 
     NAME = "local_vqa"
     SPLITS = ("val", "test")
-    DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "local_vqa.yaml")}
     eval_dataset_cls = LocalVQAEvalDataset
 
     def build(self):

@@ -4,21 +4,31 @@ LAVIS's BaseDatasetBuilder downloads every annotation URL that is not an existin
 cache root; these builders never download (their ``build()`` checks the paths and names the missing
 file instead), and a run config only overrides what differs from the builder's default yaml.
 """
+import os
+
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder, load_dataset_config
 from omegaconf import OmegaConf
 
 from lavis_pformer.datasets.files import local_path
 from lavis_pformer.errors import ConfigError
 
+DATASET_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
+
 
 class LocalDatasetBuilder(BaseDatasetBuilder):
     """A builder whose config is merged over its default yaml and whose data are never downloaded.
 
-    ``NAME`` is the builder's registered name, ``SPLITS`` the splits its ``build_info.annotations`` may give.
+    ``NAME`` is the builder's registered name (its default config is ``configs/datasets/<NAME>.yaml``),
+    ``SPLITS`` the splits its ``build_info.annotations`` may give.
     """
 
     NAME = None
     SPLITS = ("train", "val", "test")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.NAME:
+            cls.DATASET_CONFIG_DICT = {"default": os.path.join(DATASET_CONFIG_DIR, f"{cls.NAME}.yaml")}
 
     def __init__(self, cfg=None):
         default = load_dataset_config(self.default_config_path())

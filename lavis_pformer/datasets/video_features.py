@@ -23,7 +23,6 @@ from torch.utils.data.dataloader import default_collate
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
 DEFAULT_GT_DIR = os.path.join("output", "cache", "video_features_caption")
 CLIP_SAMPLING = ("uniform", "truncate")
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
@@ -235,7 +234,6 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
     """VATEX-style video captions over precomputed clip features (docs/data.md)."""
 
     NAME = "video_features_caption"
-    DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "video_features_caption.yaml")}
     train_dataset_cls, eval_dataset_cls = VideoFeatureCaptionDataset, VideoFeatureCaptionEvalDataset
 
     def _settings(self):
