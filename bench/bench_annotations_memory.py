@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import reporting as R  # noqa: E402
 
 SCRIPT = "bench_annotations_memory"
 VARIANTS = {"lavis": "LAVIS CaptionDataset (list of dicts)", "compact": "lavis_pformer LocalCaptionDataset (compact)",
@@ -189,7 +190,7 @@ def summarize(result):
 
 
 def table(results, args):
-    mb = lambda b: f"{b / C.MB:,.0f}"  # noqa: E731
+    mb = lambda b: f"{b / R.MB:,.0f}"  # noqa: E731
     base = results.get("baseline")
     headers = ["dataset", "rank RSS MB", "rank PSS MB", "rank private MB", "rank peak RSS MB (build)",
                "worker RSS MB", "worker PSS MB", "worker private MB", f"total PSS MB ({args.ranks} ranks + "
@@ -204,7 +205,7 @@ def table(results, args):
                      mb(s["rank_peak_rss"]), mb(s["worker_rss"]), mb(s["worker_pss"]), mb(s["worker_private"]),
                      mb(s["total_pss"]), "" if above is None else mb(above), f"{s['build_s']:.1f}",
                      f"{s['epoch_s']:.1f}"])
-    return C.markdown_table(headers, rows)
+    return R.markdown_table(headers, rows)
 
 
 NOTES = [
@@ -214,6 +215,28 @@ NOTES = [
     "Every rank read every record of its epoch share through its workers (the dataset's own __getitem__, image decode "
     "replaced by a constant); measured after the epoch with the workers alive (persistent_workers).",
 ]
+
+
+def annotation_file(workdir, pairs):
+    """The synthetic annotation file of ``pairs`` pairs in ``workdir``, written unless it is there (kept for reruns)."""
+    path = os.path.join(workdir, f"captions_{pairs}.json")
+    if not os.path.isfile(path):
+        start = time.perf_counter()
+        write_annotations(path, pairs)
+        print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
+def compact_ratios(results):
+    """compact / LAVIS of the memory summaries (and of the totals above the baseline), when both ran."""
+    if "lavis" not in results or "compact" not in results:
+        return {}
+    lv, cp = results["lavis"]["summary"], results["compact"]["summary"]
+    ratios = {k: cp[k] / lv[k] for k in ("rank_pss", "worker_pss", "total_pss", "rank_peak_rss") if lv[k]}
+    if "baseline" in results:
+        b = results["baseline"]["summary"]["total_pss"]
+        ratios["above_baseline"] = (cp["total_pss"] - b) / (lv["total_pss"] - b)
+    return ratios
 
 
 def main(argv=None):
@@ -238,39 +261,25 @@ def main(argv=None):
     args.device = "cpu"
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_annotations_")
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f"captions_{args.pairs}.json")
-    if not os.path.isfile(path):
-        start = time.perf_counter()
-        write_annotations(path, args.pairs)
-        print(f"wrote {path} ({os.path.getsize(path) / C.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
+    path = annotation_file(workdir, args.pairs)
     results = {}
     for variant in variants:
         results[variant] = run_variant(variant, args, path, workdir)
         results[variant]["summary"] = summarize(results[variant])
         s = results[variant]["summary"]
-        print(f"{variant}: rank PSS {s['rank_pss'] / C.MB:,.0f} MB, worker PSS {s['worker_pss'] / C.MB:,.0f} MB, "
-              f"total PSS {s['total_pss'] / C.MB:,.0f} MB", flush=True)
-    machine = C.machine_info("cpu")
-    sizes_line = (f"{args.pairs:,} pairs ({os.path.getsize(path) / C.MB:,.0f} MB JSON list), {args.ranks} ranks x "
+        print(f"{variant}: rank PSS {s['rank_pss'] / R.MB:,.0f} MB, worker PSS {s['worker_pss'] / R.MB:,.0f} MB, "
+              f"total PSS {s['total_pss'] / R.MB:,.0f} MB", flush=True)
+    machine = R.machine_info("cpu")
+    sizes_line = (f"{args.pairs:,} pairs ({os.path.getsize(path) / R.MB:,.0f} MB JSON list), {args.ranks} ranks x "
                   f"{args.workers} workers, gloo, fork")
     md = table(results, args)
-    ratios = {}
-    if "lavis" in results and "compact" in results:
-        lv, cp = results["lavis"]["summary"], results["compact"]["summary"]
-        ratios = {k: cp[k] / lv[k] for k in ("rank_pss", "worker_pss", "total_pss", "rank_peak_rss") if lv[k]}
-        if "baseline" in results:
-            b = results["baseline"]["summary"]["total_pss"]
-            ratios["above_baseline"] = (cp["total_pss"] - b) / (lv["total_pss"] - b)
+    ratios = compact_ratios(results)
     notes = NOTES + (["compact / LAVIS: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items())] if ratios else [])
-    print(f"\n{SCRIPT}: {sizes_line}\n{C.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
     payload = dict(machine=machine, sizes_line=sizes_line, args={k: v for k, v in vars(args).items()
                                                                  if k not in ("rank_process", "variant", "file", "out")},
                    argv=argv, annotation_file_bytes=os.path.getsize(path), ratios=ratios,
                    results=list(results.values()))
-    written = C.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *written)
+    R.publish(SCRIPT, args, machine, sizes_line, md, notes, payload)
     return payload
 
 

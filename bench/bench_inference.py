@@ -29,18 +29,23 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import backbone_sizes as BS  # noqa: E402
+import measure as M  # noqa: E402
+import model_factories as MF  # noqa: E402
+import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 
+from lavis_pformer.models.pformer_pretrain import QA_PROMPT  # noqa: E402
+
 SCRIPT = "bench_inference"
 QUESTION = "what color is the circle?"
-VQA_PROMPT = "Question: {} Short answer:"
 
 
 def pformer_params(model):
     from lavis_pformer.pformer import PFormer
 
-    return sum(C.param_count(m) for m in model.modules() if isinstance(m, PFormer))
+    return sum(M.param_count(m) for m in model.modules() if isinstance(m, PFormer))
 
 
 def pformer_instances():
@@ -63,7 +68,7 @@ def build_models(sizes, teacher, work):
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
     torch.manual_seed(0)
-    trained = C.build_registered("blip2_opt_pformer", C.model_cfg(sizes, alignment_weight=100,
+    trained = MF.build_registered("blip2_opt_pformer", MF.model_cfg(sizes, alignment_weight=100,
                                                                   pformer_checkpoint=teacher), for_training=True)
     assert trained.pformer_teacher is not None
     with torch.no_grad():  # move away from the initialisation, as training would
@@ -76,10 +81,10 @@ def build_models(sizes, teacher, work):
     del trained
     instances_after_training_model = pformer_instances()
 
-    ours = C.build_registered("blip2_opt_pformer", C.model_cfg(sizes, load_finetuned=True, finetuned=path),
+    ours = MF.build_registered("blip2_opt_pformer", MF.model_cfg(sizes, load_finetuned=True, finetuned=path),
                               for_training=False)
     torch.manual_seed(1)
-    stock = C.stock_model(Blip2OPT, sizes, visual_encoder=ours.visual_encoder, opt_model=sizes["opt"])
+    stock = MF.stock_model(Blip2OPT, sizes, visual_encoder=ours.visual_encoder, opt_model=sizes["opt"])
     Blip2OPT.load_from_pretrained(stock, path)  # LAVIS's loader (strict=False)
     stock.opt_model = ours.opt_model  # one frozen OPT (already the same object at paper sizes)
     if not sizes["llm_precision"] == "fp16":
@@ -93,27 +98,10 @@ def build_models(sizes, teacher, work):
                              pformer_instances_after_deleting_training_model=instances_after_training_model)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=8, batch_paper=32, warmup=1)
-    parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--caption-max-len", type=int, default=30, help="max new tokens of generate")
-    parser.add_argument("--vqa-max-len", type=int, default=10, help="max new tokens of the VQA answer")
-    args = C.finish_args(parser.parse_args(argv))
-    if args.amp:
-        print("note: --amp does not apply to inference (the models autocast on CUDA themselves)")
-    C.quiet()
-    machine = C.machine_info(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench_inference_") as work:
-        sizes = C.resolve_sizes(args, work)
-        teacher = C.make_teacher(sizes, work)
-        with C.random_init_backbones(args.device if args.size == "paper" else "cpu"):
-            ours, stock, ckpt_info = build_models(sizes, teacher, work)
-    ours.to(args.device).eval()
-    stock.to(args.device).eval()
-    image = C.images(args.batch, sizes["image_size"], args.device)
+def timed_calls(ours, stock, image, args):
+    """{name: call} of generate and VQA for both models, and the dict where each call leaves its output."""
     gen_kwargs = dict(num_beams=args.num_beams, max_length=args.caption_max_len, min_length=1)
-    vqa_prompt = VQA_PROMPT.format(QUESTION)
+    vqa_prompt = QA_PROMPT.format(QUESTION)
     outputs = {}
 
     def run(key, fn):
@@ -126,42 +114,71 @@ def main(argv=None):
         "stock_generate": run("stock_generate", lambda: stock.generate({"image": image}, **gen_kwargs)),
         "ours_vqa": run("ours_vqa", lambda: ours.predict_answers(
             {"image": image, "text_input": [QUESTION] * args.batch}, num_beams=args.num_beams,
-            max_len=args.vqa_max_len, min_len=1, prompt=VQA_PROMPT, length_penalty=-1)),
+            max_len=args.vqa_max_len, min_len=1, prompt=QA_PROMPT, length_penalty=-1)),
         "stock_vqa": run("stock_vqa", lambda: stock.generate(
             {"image": image, "prompt": vqa_prompt}, num_beams=args.num_beams, max_length=args.vqa_max_len,
             min_length=1, length_penalty=-1)),
     }
-    times = C.time_interleaved(fns, args.repeats, args.warmup, args.device)
-    peaks = {k: C.peak_memory(f, args.device) for k, f in fns.items()}
+    return fns, outputs
+
+
+def tabulate(times, peaks, outputs, models, presence):
+    """Results per task (generate, VQA) and the table."""
     same = {"generate": outputs["ours_generate"] == outputs["stock_generate"],
             "vqa": outputs["ours_vqa"] == outputs["stock_vqa"]}
-    presence = dict(
-        ours_pformer_params=pformer_params(ours), stock_pformer_params=pformer_params(stock),
-        ours_has_teacher=getattr(ours, "pformer_teacher", None) is not None,
-        pformer_instances_in_process=pformer_instances(), **ckpt_info)
-    models = {key: dict(params=C.param_count(m), model_bytes=C.module_bytes(m)) for key, m in
-              (("ours", ours), ("stock", stock))}
     rows, results = [], {}
     for task, label in (("generate", "generate (caption)"), ("vqa", "VQA: predict_answers / stock generate")):
-        r = C.ratio_summary(times[f"ours_{task}"], times[f"stock_{task}"])
-        results[task] = dict(ours=C.summarize(times[f"ours_{task}"]), stock=C.summarize(times[f"stock_{task}"]),
+        r = M.ratio_summary(times[f"ours_{task}"], times[f"stock_{task}"])
+        results[task] = dict(ours=M.summarize(times[f"ours_{task}"]), stock=M.summarize(times[f"stock_{task}"]),
                              ours_peak_bytes=peaks[f"ours_{task}"], stock_peak_bytes=peaks[f"stock_{task}"],
                              time_ratio=r, peak_ratio=peaks[f"ours_{task}"] / peaks[f"stock_{task}"],
                              same_outputs=same[task], example_output=outputs[f"ours_{task}"][0])
         for key, name in (("ours", "blip2_opt_pformer (for_training=False)"), ("stock", "LAVIS Blip2OPT")):
             s = results[task][key]
-            rows.append([label, name, C.fmt_s(s["median"]), C.fmt_spread(s),
+            rows.append([label, name, R.fmt_s(s["median"]), R.fmt_spread(s),
                          f"**{r['ratio']:.3f}x**" if key == "ours" else "1",
                          f"{r['paired_min']:.3f}–{r['paired_max']:.3f}" if key == "ours" else "",
                          f"{r['min_ratio']:.3f}x" if key == "ours" else "",
-                         C.fmt_mb(peaks[f"{key}_{task}"]), f"{models[key]['params']:,}",
+                         R.fmt_mb(peaks[f"{key}_{task}"]), f"{models[key]['params']:,}",
                          presence[f"{key}_pformer_params"], ("yes" if same[task] else "NO") if key == "ours" else ""])
     headers = ["call", "model", "ms (median)", "IQR (min–max) ms", "time ratio", "paired ratio min–max",
                "ratio of minima",
                "peak MB above start", "parameters", "P-Former parameters", "same outputs"]
-    md = C.markdown_table(headers, rows)
+    return results, R.markdown_table(headers, rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=8, batch_paper=32, warmup=1)
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--caption-max-len", type=int, default=30, help="max new tokens of generate")
+    parser.add_argument("--vqa-max-len", type=int, default=10, help="max new tokens of the VQA answer")
+    args = C.finish_args(parser.parse_args(argv))
+    if args.amp:
+        print("note: --amp does not apply to inference (the models autocast on CUDA themselves)")
+    C.quiet()
+    machine = R.machine_info(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as work:
+        sizes = BS.resolve_sizes(args, work)
+        teacher = MF.make_teacher(sizes, work)
+        with BS.random_init_backbones(args.device if args.size == "paper" else "cpu"):
+            ours, stock, ckpt_info = build_models(sizes, teacher, work)
+    ours.to(args.device).eval()
+    stock.to(args.device).eval()
+    image = MF.images(args.batch, sizes["image_size"], args.device)
+    fns, outputs = timed_calls(ours, stock, image, args)
+    times = M.time_interleaved(fns, args.repeats, args.warmup, args.device)
+    peaks = {k: M.peak_memory(f, args.device) for k, f in fns.items()}
+    presence = dict(
+        ours_pformer_params=pformer_params(ours), stock_pformer_params=pformer_params(stock),
+        ours_has_teacher=getattr(ours, "pformer_teacher", None) is not None,
+        pformer_instances_in_process=pformer_instances(), **ckpt_info)
+    models = {key: dict(params=M.param_count(m), model_bytes=M.module_bytes(m)) for key, m in
+              (("ours", ours), ("stock", stock))}
+    results, md = tabulate(times, peaks, outputs, models, presence)
     sizes_line = (f"{args.size}, {sizes['bert_desc']}, {sizes['opt_desc']}, {sizes['vit_desc']}, "
                   f"Q={sizes['num_query_token']}, batch {args.batch}, beams {args.num_beams}, {args.device}")
+    vqa_prompt = QA_PROMPT.format(QUESTION)
     prompt_tokens = len(stock.opt_tokenizer(vqa_prompt).input_ids)
     ok = (presence["ours_pformer_params"] == 0 and not presence["ours_has_teacher"]
           and presence["pformer_instances_in_process"] == 0 and presence["checkpoint_teacher_tensors"] == 0)
@@ -172,21 +189,17 @@ def main(argv=None):
         f"of the teacher -> {'OK' if ok else 'FAIL'}.",
         "VQA reference: LAVIS 1.0.2's Blip2OPT has no predict_answers; its generate() with the formatted question as "
         "samples['prompt'] (same question for the batch) is the same computation.",
-        f"memory: {C.MEMORY_METHOD[C.device_tag(args.device)]}; model weights are not included (params column).",
+        f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}; model weights are not included (params column).",
     ]
     if prompt_tokens > sizes["max_txt_len"]:
         notes.append(f"the VQA prompt has {prompt_tokens} OPT tokens > max_txt_len {sizes['max_txt_len']}: "
                      "predict_answers truncates it and LAVIS's generate does not, so the two VQA rows differ in "
                      "work and answers; raise --max-txt-len for a like-for-like comparison.")
-    print(f"\n{SCRIPT}: {sizes_line}\n{C.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
-    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=C.args_record(args), argv=argv,
+    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
                    results=results, models=models, pformer_presence=presence, pformer_free=ok,
                    vqa_prompt=vqa_prompt, vqa_prompt_tokens=prompt_tokens,
                    times_s=times, peak_bytes=peaks)
-    paths = C.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, md, notes, payload)
     if not ok:
         raise SystemExit("FAIL: a P-Former is in memory or in the checkpoint of the inference model")
     return payload

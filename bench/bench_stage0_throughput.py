@@ -17,6 +17,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import backbone_sizes as BS  # noqa: E402
+import measure as M  # noqa: E402
+import model_factories as MF  # noqa: E402
+import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -36,28 +40,14 @@ def build(sizes, args):
         num_query_token=sizes["num_query_token"], max_txt_len=sizes["max_txt_len"], embed_dim=256,
         mask_prob=0.25, vq_weight=1.0, vq_chunk_size=args.vq_chunk_size, load_pretrained=False))
     torch.manual_seed(0)
-    return C.build_registered("pformer_opt", cfg)
+    return MF.build_registered("pformer_opt", cfg)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=32, batch_paper=128, warmup=2)
-    parser.add_argument("--vq-chunk-size", type=int, default=8192)
-    parser.add_argument("--variants", default="all", help="'all' or 'default' (the full loss only)")
-    args = C.finish_args(parser.parse_args(argv))
-    C.quiet()
-    machine = C.machine_info(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench_stage0_") as work:
-        sizes = C.resolve_sizes(args, work)
-        with C.random_init_backbones(args.device if args.size == "paper" else "cpu"):
-            model = build(sizes, args)
-    model.to(args.device)
-    texts = C.captions(args.batch, seed=3)
-    samples = {"text_input": texts}
+def training_steps(model, samples, variants, args):
+    """{variant: one training step with its loss weights}, the optimizer, and {variant: its last losses}."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
     scaler = torch.cuda.amp.GradScaler() if args.amp else None
-    variants = VARIANTS if args.variants == "all" else {k: v for k, v in VARIANTS.items() if "default" in k}
     last = {}
 
     def step_with(name):
@@ -80,41 +70,60 @@ def main(argv=None):
 
         return step
 
-    fns = {name: step_with(name) for name in variants}
-    times = C.time_interleaved(fns, args.repeats, args.warmup, args.device)
-    peaks = {name: C.peak_memory(fn, args.device, before=lambda: optimizer.zero_grad(set_to_none=True))
-             for name, fn in fns.items()}
-    model.weights["c"], model.weights["vq"] = 1.0, 1.0
+    return {name: step_with(name) for name in variants}, optimizer, last
+
+
+def tabulate(variants, times, peaks, last, args):
+    """Results per variant and the table rows; ratios against the LM loss alone."""
     base = "lm only" if "lm only" in variants else next(iter(variants))
     results, rows = {}, []
     for name in variants:
-        s = C.summarize(times[name])
+        s = M.summarize(times[name])
         per_round = [args.batch / t for t in times[name]]
-        r = C.ratio_summary(times[name], times[base])
+        r = M.ratio_summary(times[name], times[base])
         results[name] = dict(step=s, sentences_per_s=args.batch / s["median"],
-                             sentences_per_s_spread=C.summarize(per_round), time_ratio_vs_lm_only=r,
+                             sentences_per_s_spread=M.summarize(per_round), time_ratio_vs_lm_only=r,
                              peak_bytes=peaks[name], last_losses=last.get(name))
         rows.append([name, f"{args.batch / s['median']:.1f}",
-                     f"{min(per_round):.1f}–{max(per_round):.1f}", C.fmt_s(s["median"]), C.fmt_spread(s),
-                     f"{r['ratio']:.3f}x", f"{r['min_ratio']:.3f}x", C.fmt_mb(peaks[name])])
+                     f"{min(per_round):.1f}–{max(per_round):.1f}", R.fmt_s(s["median"]), R.fmt_spread(s),
+                     f"{r['ratio']:.3f}x", f"{r['min_ratio']:.3f}x", R.fmt_mb(peaks[name])])
     headers = ["loss terms", "sentences/s (median)", "sentences/s min–max", "step ms (median)",
                "IQR (min–max) ms", f"time ratio vs {base}", "ratio of minima", "step peak MB"]
-    md = C.markdown_table(headers, rows)
+    return results, R.markdown_table(headers, rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=32, batch_paper=128, warmup=2)
+    parser.add_argument("--vq-chunk-size", type=int, default=8192)
+    parser.add_argument("--variants", default="all", help="'all' or 'default' (the full loss only)")
+    args = C.finish_args(parser.parse_args(argv))
+    C.quiet()
+    machine = R.machine_info(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_stage0_") as work:
+        sizes = BS.resolve_sizes(args, work)
+        with BS.random_init_backbones(args.device if args.size == "paper" else "cpu"):
+            model = build(sizes, args)
+    model.to(args.device)
+    samples = {"text_input": MF.captions(args.batch, seed=3)}
+    variants = VARIANTS if args.variants == "all" else {k: v for k, v in VARIANTS.items() if "default" in k}
+    fns, optimizer, last = training_steps(model, samples, variants, args)
+    times = M.time_interleaved(fns, args.repeats, args.warmup, args.device)
+    peaks = {name: M.peak_memory(fn, args.device, before=lambda: optimizer.zero_grad(set_to_none=True))
+             for name, fn in fns.items()}
+    model.weights["c"], model.weights["vq"] = 1.0, 1.0
+    results, md = tabulate(variants, times, peaks, last, args)
     sizes_line = (f"{args.size}, P-Former on {sizes['bert_desc']}, frozen {sizes['opt_desc']}, "
                   f"Q={sizes['num_query_token']}, batch {args.batch}, {args.device}"
                   f"{', amp fp16' if args.amp else ', fp32'}")
-    info = dict(params=C.param_count(model), trainable_params=C.param_count(model, trainable_only=True),
-                model_bytes=C.module_bytes(model), optimizer_state_bytes=C.optimizer_state_bytes(optimizer))
+    info = dict(params=M.param_count(model), trainable_params=M.param_count(model, trainable_only=True),
+                model_bytes=M.module_bytes(model), optimizer_state_bytes=M.optimizer_state_bytes(optimizer))
     notes = [f"trainable parameters (the P-Former): {info['trainable_params']:,} of {info['params']:,}; AdamW state "
-             f"{C.fmt_mb(info['optimizer_state_bytes'])} MB; params+buffers {C.fmt_mb(info['model_bytes'])} MB.",
-             f"memory: {C.MEMORY_METHOD[C.device_tag(args.device)]}."]
-    print(f"\n{SCRIPT}: {sizes_line}\n{C.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
-    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=C.args_record(args), argv=argv,
+             f"{R.fmt_mb(info['optimizer_state_bytes'])} MB; params+buffers {R.fmt_mb(info['model_bytes'])} MB.",
+             f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}."]
+    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
                    results=results, model=info, times_s=times)
-    paths = C.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, md, notes, payload)
     return payload
 
 

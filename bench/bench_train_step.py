@@ -24,6 +24,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import backbone_sizes as BS  # noqa: E402
+import measure as M  # noqa: E402
+import model_factories as MF  # noqa: E402
+import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -41,25 +45,25 @@ def build_pair(stage, sizes, teacher):
     if stage == "2":
         from lavis.models.blip2_models.blip2_opt import Blip2OPT as lavis_cls
 
-        cfg = C.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher)
+        cfg = MF.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher)
         extra = dict(opt_model=sizes["opt"])
     elif stage == "2t5":
         from lavis.models.blip2_models.blip2_t5 import Blip2T5 as lavis_cls
 
-        cfg = C.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
+        cfg = MF.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
                           t5_model=sizes["t5"])
         extra = dict(t5_model=sizes["t5"])
     else:
         from lavis.models.blip2_models.blip2_qformer import Blip2Qformer as lavis_cls
 
-        cfg = C.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
+        cfg = MF.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
                           cross_attention_freq=2, embed_dim=256)
         extra = dict(cross_attention_freq=2, embed_dim=256)
     torch.manual_seed(0)
-    ours = C.build_registered(spec["ours"], cfg, for_training=True)
+    ours = MF.build_registered(spec["ours"], cfg, for_training=True)
     assert ours.pformer_teacher is not None and ours.alignment_weight == spec["weight"]
     torch.manual_seed(1)
-    stock = C.stock_model(lavis_cls, sizes, visual_encoder=ours.visual_encoder, **extra)
+    stock = MF.stock_model(lavis_cls, sizes, visual_encoder=ours.visual_encoder, **extra)
     weights = {k: v for k, v in ours.state_dict().items() if k != "_extra_state"}  # not the plugin's stage record
     msg = stock.load_state_dict(weights, strict=False)
     if stage == "2":
@@ -109,8 +113,8 @@ def bench_stage(stage, sizes, teacher, args):
     ours, stock, extra_trainable = build_pair(stage, sizes, teacher)
     ours.to(args.device)
     stock.to(args.device)
-    samples = {"image": C.images(args.batch, sizes["image_size"], args.device),
-               "text_input": C.captions(args.batch)}
+    samples = {"image": MF.images(args.batch, sizes["image_size"], args.device),
+               "text_input": MF.captions(args.batch)}
     if stage == "2t5":  # the same prefix / suffix split for both models (LAVIS's Blip2T5 needs text_output)
         words = [c.split() for c in samples["text_input"]]
         samples = dict(samples, text_input=[" ".join(w[: len(w) // 2]) for w in words],
@@ -122,29 +126,29 @@ def bench_stage(stage, sizes, teacher, args):
         with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp):
             ours.teacher_prompt(ours.alignment_texts(samples))
 
-    times = C.time_interleaved({"ours": step_ours, "stock": step_stock, "teacher": teacher_forward},
+    times = M.time_interleaved({"ours": step_ours, "stock": step_stock, "teacher": teacher_forward},
                                args.repeats, args.warmup, args.device)
-    peaks = {"ours": C.peak_memory(step_ours, args.device, before=lambda: opt_ours.zero_grad(set_to_none=True)),
-             "stock": C.peak_memory(step_stock, args.device, before=lambda: opt_stock.zero_grad(set_to_none=True)),
-             "teacher": C.peak_memory(teacher_forward, args.device)}
+    peaks = {"ours": M.peak_memory(step_ours, args.device, before=lambda: opt_ours.zero_grad(set_to_none=True)),
+             "stock": M.peak_memory(step_stock, args.device, before=lambda: opt_stock.zero_grad(set_to_none=True)),
+             "teacher": M.peak_memory(teacher_forward, args.device)}
     losses = {k: float(f()) for k, f in (("ours", step_ours), ("stock", step_stock))}
     result = dict(stage=STAGES[stage]["name"], ours_model=STAGES[stage]["ours"], lavis_class=STAGES[stage]["lavis"],
                   alignment_weight=STAGES[stage]["weight"], extra_trainable=extra_trainable,
-                  last_loss=losses, times_s=times, memory_method=C.MEMORY_METHOD[C.device_tag(args.device)])
+                  last_loss=losses, times_s=times, memory_method=M.MEMORY_METHOD[C.device_tag(args.device)])
     for key, model, optimizer in (("ours", ours, opt_ours), ("stock", stock, opt_stock)):
-        teacher_bytes = C.module_bytes(getattr(model, "pformer_teacher", None))
-        model_bytes = C.module_bytes(model)
-        opt_bytes = C.optimizer_state_bytes(optimizer)
+        teacher_bytes = M.module_bytes(getattr(model, "pformer_teacher", None))
+        model_bytes = M.module_bytes(model)
+        opt_bytes = M.optimizer_state_bytes(optimizer)
         result[key] = dict(
-            step=C.summarize(times[key]), step_peak_bytes=peaks[key], model_bytes=model_bytes,
-            trainable_bytes=C.module_bytes(model, trainable_only=True), optimizer_state_bytes=opt_bytes,
-            teacher_bytes=teacher_bytes, params=C.param_count(model),
-            trainable_params=C.param_count(model, trainable_only=True),
+            step=M.summarize(times[key]), step_peak_bytes=peaks[key], model_bytes=model_bytes,
+            trainable_bytes=M.module_bytes(model, trainable_only=True), optimizer_state_bytes=opt_bytes,
+            teacher_bytes=teacher_bytes, params=M.param_count(model),
+            trainable_params=M.param_count(model, trainable_only=True),
             footprint_bytes=model_bytes + opt_bytes + peaks[key],
         )
-    result["teacher_forward"] = dict(step=C.summarize(times["teacher"]), step_peak_bytes=peaks["teacher"])
-    result["time_ratio"] = C.ratio_summary(times["ours"], times["stock"])
-    result["teacher_share_of_stock_step"] = C.summarize([t / s for t, s in zip(times["teacher"], times["stock"])])
+    result["teacher_forward"] = dict(step=M.summarize(times["teacher"]), step_peak_bytes=peaks["teacher"])
+    result["time_ratio"] = M.ratio_summary(times["ours"], times["stock"])
+    result["teacher_share_of_stock_step"] = M.summarize([t / s for t, s in zip(times["teacher"], times["stock"])])
     result["footprint_ratio"] = result["ours"]["footprint_bytes"] / result["stock"]["footprint_bytes"]
     result["step_peak_ratio"] = peaks["ours"] / peaks["stock"]
     del ours, stock, step_ours, step_stock, opt_ours, opt_stock
@@ -166,19 +170,19 @@ def table(results):
             ours = key == "ours"
             rows.append([
                 r["stage"], f"{r['ours_model']} (w={r['alignment_weight']:g})" if ours else f"LAVIS {r['lavis_class']}",
-                C.fmt_s(m["step"]["median"]), C.fmt_spread(m["step"]),
+                R.fmt_s(m["step"]["median"]), R.fmt_spread(m["step"]),
                 f"**{r['time_ratio']['ratio']:.3f}x**" if ours else "1",
                 f"{r['time_ratio']['paired_min']:.3f}–{r['time_ratio']['paired_max']:.3f}" if ours else "",
                 f"{r['time_ratio']['min_ratio']:.3f}x" if ours else "",
-                C.fmt_mb(m["step_peak_bytes"]), C.fmt_mb(m["model_bytes"]), C.fmt_mb(m["teacher_bytes"]),
-                C.fmt_mb(m["optimizer_state_bytes"]), C.fmt_mb(m["footprint_bytes"]),
+                R.fmt_mb(m["step_peak_bytes"]), R.fmt_mb(m["model_bytes"]), R.fmt_mb(m["teacher_bytes"]),
+                R.fmt_mb(m["optimizer_state_bytes"]), R.fmt_mb(m["footprint_bytes"]),
                 f"{r['footprint_ratio']:.3f}x" if ours else "1",
             ])
         t = r["teacher_forward"]
-        rows.append([r["stage"], "(P-Former teacher forward alone)", C.fmt_s(t["step"]["median"]),
-                     C.fmt_spread(t["step"]), f"{r['teacher_share_of_stock_step']['median']:.3f} of stock step", "", "",
-                     C.fmt_mb(t["step_peak_bytes"]), "", "", "", "", ""])
-    return C.markdown_table(headers, rows)
+        rows.append([r["stage"], "(P-Former teacher forward alone)", R.fmt_s(t["step"]["median"]),
+                     R.fmt_spread(t["step"]), f"{r['teacher_share_of_stock_step']['median']:.3f} of stock step", "", "",
+                     R.fmt_mb(t["step_peak_bytes"]), "", "", "", "", ""])
+    return R.markdown_table(headers, rows)
 
 
 NOTES = [
@@ -191,30 +195,22 @@ NOTES = [
 ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
-    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
-    args = C.finish_args(parser.parse_args(argv))
-    C.quiet()
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not stages or set(stages) - set(STAGES):
-        raise SystemExit(f"--stages: choose from {sorted(STAGES)}")
-    created_group = C.ensure_process_group(args.device)
-    machine = C.machine_info(args.device)
+def run_stages(stages, args):
+    """(sizes, [result of each stage]): the backbones and teachers built once, then each stage measured."""
+    created_group = MF.ensure_process_group(args.device)
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
-            sizes = C.resolve_sizes(args, work)
+            sizes = BS.resolve_sizes(args, work)
             teachers = {}
             if {"1", "2"} & set(stages):
-                teachers["1"] = teachers["2"] = C.make_teacher(sizes, work)
+                teachers["1"] = teachers["2"] = MF.make_teacher(sizes, work)
             if "2t5" in stages:
-                C.add_t5(sizes, args, work)
-                teachers["2t5"] = C.make_teacher(sizes, work, llm_name=sizes["t5"],
+                BS.add_t5(sizes, args, work)
+                teachers["2t5"] = MF.make_teacher(sizes, work, llm_name=sizes["t5"],
                                                  llm_hidden_size=sizes["t5_hidden_size"], filename="pformer_t5.pth")
             init_device = args.device if args.size == "paper" else "cpu"
-            with C.random_init_backbones(init_device) as shared_llms:
+            with BS.random_init_backbones(init_device) as shared_llms:
                 for stage in stages:
                     results.append(bench_stage(stage, sizes, teachers[stage], args))
                     shared_llms.clear()  # free the frozen OPT before the next stage
@@ -224,19 +220,28 @@ def main(argv=None):
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    return sizes, results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
+    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
+    args = C.finish_args(parser.parse_args(argv))
+    C.quiet()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - set(STAGES):
+        raise SystemExit(f"--stages: choose from {sorted(STAGES)}")
+    machine = R.machine_info(args.device)
+    sizes, results = run_stages(stages, args)
     llms = ([sizes["opt_desc"]] if {"1", "2"} & set(stages) else []) + ([sizes["t5_desc"]] if "t5_desc" in sizes else [])
     sizes_line = (f"{args.size}, {sizes['bert_desc']}, {', '.join(llms)}, {sizes['vit_desc']}, "
                   f"Q={sizes['num_query_token']}, "
                   f"batch {args.batch}, {args.device}{', amp fp16' if args.amp else ', fp32'}")
-    md = table(results)
-    print(f"\n{SCRIPT}: {sizes_line}\n{C.machine_line(machine)}\n\n{md}\n")
-    notes = NOTES + [f"memory: {C.MEMORY_METHOD[C.device_tag(args.device)]}."]
-    for n in notes:
-        print("- " + n)
-    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=C.args_record(args), argv=argv,
+    notes = NOTES + [f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}."]
+    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
                    results=results)
-    paths = C.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, table(results), notes, payload)
     return payload
 
 

@@ -22,6 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import measure as M  # noqa: E402
+import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -42,7 +44,7 @@ def dense_vq_loss(prompt, codebook):
     return F.mse_loss(flat, quantized.detach()), idx
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None)
     parser.add_argument("--vocab", default="1000,10000,50272", help="comma list of vocabulary sizes V")
@@ -68,69 +70,75 @@ def main(argv=None):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    C.quiet()
+    return args
+
+
+def measure_vocab(vocab, args):
+    """Both formulations at vocabulary size ``vocab``: the result record and its two table rows."""
     from lavis_pformer.losses import nearest_codebook_rows, vq_commitment_loss
 
-    machine = C.machine_info(args.device)
-    vocabs = [int(v) for v in args.vocab.split(",") if v.strip()]
+    g = torch.Generator().manual_seed(vocab)
+    codebook = (torch.randn(vocab, args.hidden, generator=g) * 0.02).to(args.device, DTYPES[args.codebook_dtype])
+    prompt = (torch.randn(args.tokens, args.hidden, generator=g) * 0.02).to(args.device).requires_grad_(True)
+
+    def chunked():
+        prompt.grad = None
+        vq_commitment_loss(prompt, codebook, chunk_size=args.chunk_size).backward()
+
+    def dense():
+        prompt.grad = None
+        dense_vq_loss(prompt, codebook)[0].backward()
+
+    def no_grad():
+        prompt.grad = None
+
+    times = M.time_interleaved({"chunked": chunked, "dense": dense}, args.repeats, args.warmup, args.device)
+    peaks = {"chunked": M.peak_memory(chunked, args.device, before=no_grad),
+             "dense": M.peak_memory(dense, args.device, before=no_grad)}
+    with torch.no_grad():
+        idx_chunked = nearest_codebook_rows(prompt, codebook, args.chunk_size)
+        loss_dense, idx_dense = dense_vq_loss(prompt, codebook)
+        loss_chunked = vq_commitment_loss(prompt, codebook, args.chunk_size)
+    same_rows = float((idx_chunked == idx_dense).float().mean())
+    r = M.ratio_summary(times["chunked"], times["dense"])
+    res = dict(vocab=vocab, hidden=args.hidden, tokens=args.tokens, chunked=M.summarize(times["chunked"]),
+               dense=M.summarize(times["dense"]), chunked_peak_bytes=peaks["chunked"],
+               dense_peak_bytes=peaks["dense"], time_ratio=r,
+               peak_ratio=peaks["chunked"] / peaks["dense"], same_rows_fraction=same_rows,
+               loss_chunked=float(loss_chunked), loss_dense=float(loss_dense),
+               dense_matrix_bytes=args.tokens * vocab * 4, times_s=times)
+    rows = []
+    for key in ("chunked", "dense"):
+        s = res[key]
+        rows.append([f"{vocab:,}", "vq_commitment_loss (chunked)" if key == "chunked" else "dense [N,V] + one-hot",
+                     R.fmt_s(s["median"]), R.fmt_spread(s),
+                     f"**{r['ratio']:.3f}x**" if key == "chunked" else "1",
+                     f"{r['paired_min']:.3f}–{r['paired_max']:.3f}" if key == "chunked" else "",
+                     f"{r['min_ratio']:.3f}x" if key == "chunked" else "",
+                     R.fmt_mb(peaks[key]), f"**{res['peak_ratio']:.3f}x**" if key == "chunked" else "1",
+                     f"{same_rows:.4f}" if key == "chunked" else ""])
+    print(f"V={vocab}: time {r['ratio']:.3f}x, peak {res['peak_ratio']:.3f}x", flush=True)
+    return res, rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    C.quiet()
+    machine = R.machine_info(args.device)
     results, rows = [], []
-    for vocab in vocabs:
-        g = torch.Generator().manual_seed(vocab)
-        codebook = (torch.randn(vocab, args.hidden, generator=g) * 0.02).to(args.device, DTYPES[args.codebook_dtype])
-        prompt = (torch.randn(args.tokens, args.hidden, generator=g) * 0.02).to(args.device).requires_grad_(True)
-
-        def chunked():
-            prompt.grad = None
-            vq_commitment_loss(prompt, codebook, chunk_size=args.chunk_size).backward()
-
-        def dense():
-            prompt.grad = None
-            dense_vq_loss(prompt, codebook)[0].backward()
-
-        times = C.time_interleaved({"chunked": chunked, "dense": dense}, args.repeats, args.warmup, args.device)
-        def no_grad():
-            prompt.grad = None
-
-        peaks = {"chunked": C.peak_memory(chunked, args.device, before=no_grad),
-                 "dense": C.peak_memory(dense, args.device, before=no_grad)}
-        with torch.no_grad():
-            idx_chunked = nearest_codebook_rows(prompt, codebook, args.chunk_size)
-            loss_dense, idx_dense = dense_vq_loss(prompt, codebook)
-            loss_chunked = vq_commitment_loss(prompt, codebook, args.chunk_size)
-        same_rows = float((idx_chunked == idx_dense).float().mean())
-        r = C.ratio_summary(times["chunked"], times["dense"])
-        res = dict(vocab=vocab, hidden=args.hidden, tokens=args.tokens, chunked=C.summarize(times["chunked"]),
-                   dense=C.summarize(times["dense"]), chunked_peak_bytes=peaks["chunked"],
-                   dense_peak_bytes=peaks["dense"], time_ratio=r,
-                   peak_ratio=peaks["chunked"] / peaks["dense"], same_rows_fraction=same_rows,
-                   loss_chunked=float(loss_chunked), loss_dense=float(loss_dense),
-                   dense_matrix_bytes=args.tokens * vocab * 4, times_s=times)
+    for vocab in [int(v) for v in args.vocab.split(",") if v.strip()]:
+        res, vocab_rows = measure_vocab(vocab, args)
         results.append(res)
-        for key in ("chunked", "dense"):
-            s = res[key]
-            rows.append([f"{vocab:,}", "vq_commitment_loss (chunked)" if key == "chunked" else "dense [N,V] + one-hot",
-                         C.fmt_s(s["median"]), C.fmt_spread(s),
-                         f"**{r['ratio']:.3f}x**" if key == "chunked" else "1",
-                         f"{r['paired_min']:.3f}–{r['paired_max']:.3f}" if key == "chunked" else "",
-                         f"{r['min_ratio']:.3f}x" if key == "chunked" else "",
-                         C.fmt_mb(peaks[key]), f"**{res['peak_ratio']:.3f}x**" if key == "chunked" else "1",
-                         f"{same_rows:.4f}" if key == "chunked" else ""])
-        print(f"V={vocab}: time {r['ratio']:.3f}x, peak {res['peak_ratio']:.3f}x", flush=True)
-        del codebook, prompt
+        rows += vocab_rows
     headers = ["V", "formulation", "step ms (median)", "IQR (min–max) ms", "time ratio", "paired ratio min–max",
                "ratio of minima",
                "peak MB above start", "peak ratio", "same nearest rows"]
-    md = C.markdown_table(headers, rows)
     sizes_line = (f"N={args.tokens} prompt vectors, H={args.hidden}, codebook {args.codebook_dtype}, "
                   f"chunk {args.chunk_size}, {args.device}")
     notes = ["ratios: chunked / dense (below 1: the project's loss is faster / smaller).",
-             f"memory: {C.MEMORY_METHOD[C.device_tag(args.device)]}; the codebook and prompt exist before the step."]
-    print(f"\n{SCRIPT}: {sizes_line}\n{C.machine_line(machine)}\n\n{md}\n")
-    for n in notes:
-        print("- " + n)
+             f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}; the codebook and prompt exist before the step."]
     payload = dict(machine=machine, sizes_line=sizes_line, args=vars(args), argv=argv, results=results)
-    paths = C.write_results(SCRIPT, args, payload, md, notes)
-    print("wrote", *paths)
+    R.publish(SCRIPT, args, machine, sizes_line, R.markdown_table(headers, rows), notes, payload)
     return payload
 
 

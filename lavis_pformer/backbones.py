@@ -18,11 +18,8 @@ fix, never a warning: loading must not silently drop trained weights. Missing tr
 WARNING when starting from an earlier stage (they start anew) and an error for ``finetuned``.
 """
 import contextlib
-import hashlib
 import logging
 import os
-import re
-import zipfile
 from functools import partial
 
 import torch
@@ -34,8 +31,13 @@ from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer
 from transformers import BertTokenizer
 
+from lavis_pformer.checkpoint_files import (CROSS_ATTENTION, EXTRA_STATE_KEY, QFORMER_LAYER, checkpoint_arch,
+                                            cross_attention_freq_of, cross_attention_layers, load_state_dict_file,
+                                            read_checkpoint)
 from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError, SetupError
 from lavis_pformer.precision import LOW_PRECISION, cpu_autocast
+from lavis_pformer.vit_weights import (LAVIS_VIT_FILES, OFFLINE_VARIABLES, lavis_vit_cache_file, lavis_vit_from_file,
+                                       offline_mode, weights_fingerprint)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -75,103 +77,6 @@ def custom_vit(img_size, vit_config, drop_path_rate=0.0, use_grad_checkpoint=Fal
                 "Set vit_config (patch_size, embed_dim, depth, num_heads, mlp_ratio) to the sizes the file was saved with."
             ) from None
     return vit
-
-
-# The files LAVIS downloads for its own ViTs (lavis/models/eva_vit.py, clip_vit.py); its download_cached_file
-# keeps them under timm's cache folder (torch.hub's dir + "/checkpoints").
-LAVIS_VIT_FILES = {"eva_clip_g": "eva_vit_g.pth", "clip_L": "clip_vit_L.pth"}
-_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def offline_mode():
-    """Whether the environment asks for no network (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to 1)."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in _OFFLINE_VARIABLES)
-
-
-def lavis_vit_cache_file(model_name):
-    """Where LAVIS's download keeps the weights of ``eva_clip_g`` / ``clip_L``."""
-    import timm.models.hub as timm_hub
-
-    return os.path.join(timm_hub.get_cache_dir(), LAVIS_VIT_FILES[model_name])
-
-
-@contextlib.contextmanager
-def _replaced(module, name, value):
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-def _state_dict_keys(path, what):
-    """The tensor names of a flat state-dict file, read with ``weights_only=True`` (memory-mapped when possible)."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{what}: no file at {path} (cwd {os.getcwd()}); check the path in the config or --options")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # truncated files, pickles with code, not a torch file at all
-        raise CheckpointError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"{what}: {path} is not a flat state dict of tensors (as LAVIS's "
-                              f"{'/'.join(LAVIS_VIT_FILES.values())} are)")
-    keys = set(state)
-    del state
-    return keys
-
-
-def lavis_vit_from_file(model_name, weights, img_size, drop_path_rate, use_grad_checkpoint, precision):
-    """LAVIS's own ``eva_clip_g`` / ``clip_L`` (its constructor, position-embedding interpolation and fp16 cast)
-    with the weights read from the local file ``weights`` instead of LAVIS's download.
-
-    LAVIS loads the file with ``strict=False`` and says nothing; here every parameter of the ViT must be in the
-    file (else a CheckpointError: the ViT would stay random), and tensors the ViT has no place for are logged.
-    """
-    import lavis.models.clip_vit as clip_vit
-    import lavis.models.eva_vit as eva_vit
-
-    what = f"model.vit_config.checkpoint ({model_name} weights)"
-    keys = _state_dict_keys(weights, what)
-    module = eva_vit if model_name == "eva_clip_g" else clip_vit
-
-    def local_file(url, check_hash=True, progress=False):
-        logging.info("%s: weights from %s instead of %s", model_name, weights, url)
-        return weights
-
-    # create_eva_vit_g / create_clip_vit_L call download_cached_file(url) by the name their module imported.
-    try:
-        with _replaced(module, "download_cached_file", local_file):
-            vit, ln_vision = Blip2Base.init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint,
-                                                           precision)
-    except RuntimeError as e:  # load_state_dict(strict=False) still refuses tensors of other shapes
-        mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        if not mismatches:
-            raise
-        raise CheckpointError(f"{what}: {weights} holds tensors of other shapes than {model_name} ({mismatches[0]}): "
-                              f"it is not LAVIS's {LAVIS_VIT_FILES[model_name]}") from None
-    missing = sorted(n for n, _ in vit.named_parameters() if n not in keys)
-    if missing:
-        raise CheckpointError(
-            f"{what}: {weights} lacks {len(missing)} of the {model_name} parameters (e.g. {missing[:3]}), so they would "
-            f"stay random: it is not LAVIS's {LAVIS_VIT_FILES[model_name]}. Give a copy of that file (LAVIS downloads "
-            f"it to {lavis_vit_cache_file(model_name)})."
-        )
-    unused = sorted(keys - set(vit.state_dict()))
-    if unused:
-        logging.warning("%s: %d tensors of %s have no place in %s and are ignored (as LAVIS does), e.g. %s",
-                        what, len(unused), weights, model_name, unused[:4])
-    return vit, ln_vision
-
-
-def weights_fingerprint(module):
-    """sha256 of a module's tensors (names, shapes, dtypes, values): the identity of a frozen ViT."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -215,56 +120,9 @@ def hub_load_errors(cfg):
         ) from None
 
 
-def read_checkpoint(path, what="checkpoint"):
-    """``torch.load(weights_only=True)`` of a local file, with errors that name the file."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{what}: no file at {path} (cwd {os.getcwd()}); check the path in the config or --options")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated files, pickles with code, not a torch file at all
-        raise CheckpointError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
-
-
-def load_state_dict_file(path, what="checkpoint"):
-    """The state dict of a checkpoint file (its "model" entry if it has one)."""
-    checkpoint = read_checkpoint(path, what)
-    if isinstance(checkpoint, dict) and "model" in checkpoint:
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{what}: {path} does not hold a state dict")
-    return checkpoint
-
-
-def checkpoint_arch(checkpoint):
-    """``model.arch`` of the run that wrote a LAVIS training checkpoint, or None."""
-    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    model = config.get("model") if isinstance(config, dict) else None
-    return model.get("arch") if isinstance(model, dict) else None
-
-
 def _drop_non_checkpoint_keys(module, state_dict, prefix, local_metadata):
     for key in [k for k in state_dict if k[len(prefix):].startswith(module._non_checkpoint_prefixes)]:
         del state_dict[key]
-
-
-# Q-Former tensors of a cross-attention block: "<...>.encoder.layer.<i>.crossattention.<...>"
-_CROSS_ATTENTION = re.compile(r"^(?:.*\.)?encoder\.layer\.(\d+)\.crossattention\.")
-_LAYER = re.compile(r"^(?:.*\.)?Qformer\.bert\.encoder\.layer\.(\d+)\.")
-EXTRA_STATE_KEY = "_extra_state"  # where nn.Module.state_dict puts get_extra_state() of the top module
-
-
-def cross_attention_layers(keys):
-    """Indices of the Q-Former layers that have cross-attention tensors among ``keys``."""
-    return sorted({int(m.group(1)) for k in keys for m in [_CROSS_ATTENTION.match(k)] if m})
-
-
-def cross_attention_freq_of(layers, num_layers):
-    """The ``cross_attention_freq`` (LAVIS: layer i has cross-attention iff i % freq == 0) that gives
-    ``layers`` in a Q-Former of ``num_layers`` layers, or None if no frequency does."""
-    for freq in range(1, max(num_layers, 1) + 1):
-        if [i for i in range(num_layers) if i % freq == 0] == list(layers):
-            return freq
-    return None
 
 
 class BackboneMixin:
@@ -377,7 +235,7 @@ class BackboneMixin:
             return cached
         raise MissingFileError(
             f"model.vit_model {model_name}: LAVIS downloads its weights ({LAVIS_VIT_FILES[model_name]}), but this run "
-            f"is offline ({' / '.join(_OFFLINE_VARIABLES)}) and LAVIS's cache has no {cached}. Copy the file to the "
+            f"is offline ({' / '.join(OFFLINE_VARIABLES)}) and LAVIS's cache has no {cached}. Copy the file to the "
             f"node and set model.vit_config.checkpoint to it (e.g. --options model.vit_config.checkpoint="
             f"/models/{LAVIS_VIT_FILES[model_name]}), or place it at {cached}."
         )
@@ -461,11 +319,11 @@ class BackboneMixin:
             return
         name = type(self).__name__
         problems = []
-        dropped_xattn = [k for k in unexpected if _CROSS_ATTENTION.match(k)]
+        dropped_xattn = [k for k in unexpected if CROSS_ATTENTION.match(k)]
         if dropped_xattn or cross_attention_layers(missing):
             theirs = cross_attention_layers(state_dict)
             ours = cross_attention_layers(k for k, _ in self.named_parameters())
-            layers = [int(m.group(1)) for k in state_dict for m in [_LAYER.match(k)] if m]
+            layers = [int(m.group(1)) for k in state_dict for m in [QFORMER_LAYER.match(k)] if m]
             freq = cross_attention_freq_of(theirs, max(layers) + 1 if layers else 0)
             own = getattr(getattr(getattr(self, "Qformer", None), "config", None), "cross_attention_freq", "?")
             fix = (f"Set model.cross_attention_freq: {freq}, the value the checkpoint was trained with."
@@ -478,7 +336,7 @@ class BackboneMixin:
                 f"the checkpoint's Q-Former has cross-attention in layers {theirs} but this model (model."
                 f"cross_attention_freq: {own}) builds it in layers {ours}: {' and '.join(losses)}. {fix}"
             )
-        other = [k for k in unexpected if not _CROSS_ATTENTION.match(k)]
+        other = [k for k in unexpected if not CROSS_ATTENTION.match(k)]
         if other:
             problems.append(
                 f"{len(other)} tensors have no place in {name} and would be dropped (e.g. {other[:4]}): it is a "

@@ -26,7 +26,8 @@ from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
 from lavis_pformer.errors import ConfigError, MissingFileError, UserError, user_message
-from lavis_pformer.runtime import init_distributed, make_job_id, make_output_dir, resolve_resume_path
+from lavis_pformer.resume import resolve_resume_path
+from lavis_pformer.runtime import init_distributed, make_job_id, make_output_dir
 
 DEFAULT_RUNNER = "runner_pformer"
 USER_ERROR_STATUS = 2

@@ -1,8 +1,8 @@
 """Losses shared by stage 0, stages 1/2 and video: alignment (MSE to the P-Former prompt), two-view
 contrastive loss over the global batch, and the VQ commitment term toward the LLM input embeddings."""
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from lavis.common.dist_utils import get_rank, get_world_size
 from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from torch import Tensor
 
@@ -16,17 +16,10 @@ def alignment_loss(pred: Tensor, target: Tensor, weight: float) -> Tensor:
     return weight * F.mse_loss(pred.float(), target.detach().float())
 
 
-def _world() -> tuple:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_with_grad(x: Tensor) -> Tensor:
     """[B, ...] per rank -> [world*B, ...] in rank order; the backward pass sends each rank the gradient of
     the sum of all ranks' losses w.r.t. its own part (DDP then averages). Identity with one process."""
-    if _world()[1] == 1:
+    if get_world_size() == 1:
         return x
     # LAVIS's GatherLayer: all_gather forward; backward all_reduce(sum) of the grads, keep own slice.
     return all_gather_with_grad(x.contiguous())
@@ -34,7 +27,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 def gather_without_grad(x: Tensor) -> Tensor:
     """[B, ...] per rank -> [world*B, ...] in rank order, detached (LAVIS's concat_all_gather with a group)."""
-    if _world()[1] == 1:
+    if get_world_size() == 1:
         return x.detach()
     return concat_all_gather(x.contiguous())
 
@@ -54,7 +47,7 @@ def two_view_contrastive_loss(feat_a: Tensor, feat_b: Tensor, temperature, label
     if feat_a.shape != feat_b.shape or feat_a.dim() != 2:
         raise ValueError(f"two_view_contrastive_loss: views must both be [B, D], got {tuple(feat_a.shape)} "
                          f"and {tuple(feat_b.shape)}")
-    rank, _ = _world()
+    rank = get_rank()
     gather = gather_with_grad if key_grad else gather_without_grad
     a_all, b_all = gather(feat_a), gather(feat_b)
     targets = rank * feat_a.size(0) + torch.arange(feat_a.size(0), device=feat_a.device)

@@ -145,6 +145,22 @@ class PFormer(nn.Module):
         return model
 
 
+def save_untrained_pformer(path: str, bert_model: str, num_query_token: int, llm_hidden_size: int, llm_name: str,
+                           embed_dim: int = 256, seed: int = 0, bert_weights: bool = True) -> str:
+    """Write an untrained P-Former (new query tokens and heads) as stage 0 writes one, and return its path: a
+    stand-in teacher for stages 1 and 2 where the teacher's quality does not matter (tests, benchmarks). The
+    encoder holds ``bert_model``'s weights, or with ``bert_weights=False`` a random initialisation of its config
+    (for a folder that holds a config only)."""
+    torch.manual_seed(seed)
+    if bert_weights:
+        model = PFormer.from_bert(bert_model, num_query_token, llm_hidden_size, llm_name, embed_dim=embed_dim)
+    else:
+        model = PFormer(transformers.BertConfig.from_pretrained(bert_model), num_query_token, llm_hidden_size,
+                        llm_name, embed_dim=embed_dim, bert_model=bert_model)
+    model.save(str(path))
+    return str(path)
+
+
 def state_dict_problems(expected: dict, given: dict) -> list:
     """Lines describing missing, unexpected and wrongly shaped tensors of `given` w.r.t. `expected`."""
     problems = []

@@ -35,6 +35,7 @@ import logging
 import os
 import time
 import zlib
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,8 @@ from lavis.datasets.datasets.dataloader_utils import IterLoader
 from lavis.runners.runner_iter import RunnerIter
 
 from lavis_pformer.errors import ConfigError, ResumeError
-from lavis_pformer.runtime import RunnerPFormer, _check_resume_file, _patched, _read_rng_states, _set_rng_states
+from lavis_pformer.resume import check_resume_file, read_rng_states, set_rng_states
+from lavis_pformer.runtime import RunnerPFormer
 
 ITERS_FORMAT = "lavis_pformer/iter-checkpoint-v1"
 
@@ -144,8 +146,8 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
 
     def create_loaders(self, *args, **kwargs):
         """LAVIS's loaders, the training one over a ResumableSampler, wrapped in a ResumableIterLoader."""
-        with _patched(lavis_runner_base, "DataLoader", self._dataloader), \
-                _patched(lavis_runner_base, "IterLoader", ResumableIterLoader):
+        with mock.patch.object(lavis_runner_base, "DataLoader", self._dataloader), \
+                mock.patch.object(lavis_runner_base, "IterLoader", ResumableIterLoader):
             return super().create_loaders(*args, **kwargs)
 
     def _dataloader(self, dataset, **kwargs):
@@ -187,7 +189,7 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
         if is_url(url_or_filename):
             raise ResumeError(f"run.resume_ckpt_path: {url_or_filename} is a URL; runner_iter_pformer resumes from "
                               "a local checkpoint_<iters>.pth / checkpoint_last.pth")
-        _check_resume_file(url_or_filename)
+        check_resume_file(url_or_filename)
         fix = "Resume with the checkpoint_last.pth of a runner_iter_pformer run of this same model and config."
         try:
             checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=True)
@@ -201,7 +203,7 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
             raise ResumeError(f"run.resume_ckpt_path: cannot resume from {url_or_filename} ({type(e).__name__}: "
                               f"{e}). {fix}") from e
         self.start_iters = int(checkpoint["iters"])
-        rng = _read_rng_states(url_or_filename, self.start_iters)
+        rng = read_rng_states(url_or_filename, self.start_iters)
         self._resume = {"iters": self.start_iters, "rng": rng, "data": checkpoint.get("data")}
         logging.info("Resuming at iteration %d from %s (model, optimizer%s, lr schedule position, data position; "
                      "RNG states %s)", self.start_iters, url_or_filename, ", grad scaler" if self.scaler else "",
@@ -225,7 +227,7 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
     def _position_train_loader(self, resume):
         loader = self.train_loader  # built now if needed, before the RNG states are restored
         if resume["rng"] is not None:
-            _set_rng_states(resume["rng"])
+            set_rng_states(resume["rng"])
         if not isinstance(loader, ResumableIterLoader):
             logging.warning("resume: the training loader is a %s: the data order of the resumed run is not aligned "
                             "with an uninterrupted run", type(loader).__name__)

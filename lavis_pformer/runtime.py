@@ -25,29 +25,24 @@ import datetime
 import functools
 import logging
 import os
-import random
 import shutil
-import zipfile
 from pathlib import Path
+from unittest import mock
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lavis.common.logger as lavis_logger
 import lavis.runners.runner_base as lavis_runner_base
-from lavis.common.dist_utils import init_distributed_mode, setup_for_distributed
+from lavis.common.dist_utils import get_world_size, init_distributed_mode, is_main_process, setup_for_distributed
 from lavis.common.registry import registry
 from lavis.common.utils import is_url
 from lavis.datasets.datasets.dataloader_utils import IterLoader
 from lavis.runners.runner_base import RunnerBase
 
-from lavis_pformer.errors import MissingFileError, OutputFolderError, ResumeError, SetupError
-
-RNG_SUFFIX = ".rng.pth"
-RNG_FORMAT = "lavis_pformer/rng-v1"
-
+from lavis_pformer.errors import OutputFolderError, ResumeError, SetupError
+from lavis_pformer.resume import RNG_SUFFIX, check_resume_file, gather_rng_states, read_rng_states, set_rng_states
 
 def _collective_device():
     """Device for collective tensors: CUDA for nccl, CPU for gloo."""
@@ -114,14 +109,14 @@ def init_distributed(run_cfg):
 def make_job_id(output_dir):
     """A job id chosen by rank 0 and shared with every rank: ``YYYYmmddHHMMSS`` (+ ``_N`` if taken)."""
     ids = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_process():
         job_id = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         candidate, n = job_id, 0
         while os.path.exists(os.path.join(os.path.abspath(output_dir), candidate)):
             n += 1
             candidate = f"{job_id}_{n}"
         ids = [candidate]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if get_world_size() > 1:
         dist.broadcast_object_list(ids, src=0)
     return ids[0]
 
@@ -212,9 +207,9 @@ class RunnerPFormer(RunnerBase):
 
     def create_loaders(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_patched(lavis_runner_base, "IterLoader", _IterLoader))
+            stack.enter_context(mock.patch.object(lavis_runner_base, "IterLoader", _IterLoader))
             if self.device.type != "cuda":
-                stack.enter_context(_patched(lavis_runner_base, "PrefetchLoader", _NoPrefetch))
+                stack.enter_context(mock.patch.object(lavis_runner_base, "PrefetchLoader", _NoPrefetch))
             return super().create_loaders(*args, **kwargs)
 
     def setup_output_dir(self):
@@ -225,7 +220,7 @@ class RunnerPFormer(RunnerBase):
         registry.register_path("result_dir", result_dir)
         registry.register_path("output_dir", output_dir)
         self.result_dir, self.output_dir = Path(result_dir), Path(output_dir)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_main_process():
             _point_latest_at(output_dir)
 
     def _save_checkpoint(self, cur_epoch, is_best=False):
@@ -237,8 +232,8 @@ class RunnerPFormer(RunnerBase):
         rank calls them; LAVIS saves only on rank 0) also write ``checkpoint_N.rng.pth``, the RNG states
         of all ranks, moved into place before the checkpoint.
         """
-        rng = None if is_best else _gather_rng_states(cur_epoch)  # collective: every rank is here
-        if dist.is_initialized() and dist.get_rank() != 0:
+        rng = None if is_best else gather_rng_states(cur_epoch)  # collective: every rank is here
+        if not is_main_process():
             return
         final_dir = self.output_dir
         name = "checkpoint_{}.pth".format("best" if is_best else cur_epoch)
@@ -272,7 +267,7 @@ class RunnerPFormer(RunnerBase):
         """LAVIS's resume (model strict, optimizer, scaler, start epoch) with clear errors, then the RNG
         states of ``checkpoint_N.rng.pth`` for this rank, applied when the first resumed epoch starts."""
         if not is_url(url_or_filename):
-            _check_resume_file(url_or_filename)
+            check_resume_file(url_or_filename)
         try:
             super()._load_checkpoint(url_or_filename)
         except (RuntimeError, KeyError, ValueError) as e:  # strict model load, optimizer groups, missing entries
@@ -283,7 +278,7 @@ class RunnerPFormer(RunnerBase):
         self._resume_epoch = self.start_epoch
         self._resume_rng = None
         if not is_url(url_or_filename):
-            self._resume_rng = _read_rng_states(url_or_filename, self.start_epoch - 1)
+            self._resume_rng = read_rng_states(url_or_filename, self.start_epoch - 1)
         logging.info(
             "Resuming at epoch %d from %s (model, optimizer%s, lr schedule position; RNG states %s)",
             self.start_epoch, url_or_filename, ", grad scaler" if self.scaler else "",
@@ -302,92 +297,12 @@ class RunnerPFormer(RunnerBase):
         """
         loader = self.train_loader  # built now if needed, before the RNG states are restored
         if rng_state is not None:
-            _set_rng_states(rng_state)
+            set_rng_states(rng_state)
         if not isinstance(loader, IterLoader):
             logging.warning("resume: the training loader is a %s, not an IterLoader: the data order of the "
                             "resumed epochs is not aligned with an uninterrupted run", type(loader).__name__)
             return
         _start_epoch(loader, epoch)
-
-
-def resolve_resume_path(run_cfg):
-    """Check ``run.resume_ckpt_path`` before anything is built and pin it to its real path.
-
-    The runner points ``<output_dir>/latest`` at the new job folder before LAVIS loads the checkpoint,
-    so ``.../latest/checkpoint_last.pth`` must be resolved first (else it names the new, empty folder).
-    """
-    path = run_cfg.get("resume_ckpt_path", None)
-    if not path or is_url(path) or run_cfg.get("evaluate", False):
-        return
-    _check_resume_file(path)
-    run_cfg.resume_ckpt_path = os.path.realpath(path)
-
-
-def _check_resume_file(path):
-    """A clear error for a resume checkpoint that is missing or truncated (LAVIS: 'path is invalid' / zip errors)."""
-    fix = ("set run.resume_ckpt_path to the checkpoint_last.pth (or a checkpoint_N.pth) of the run to "
-           "continue, written by train.py")
-    if not os.path.isfile(path):
-        raise MissingFileError(f"run.resume_ckpt_path: no file at {path} (cwd {os.getcwd()}); {fix}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation loses its directory
-        raise ResumeError(f"run.resume_ckpt_path: {path} is truncated or not a torch checkpoint; {fix}")
-
-
-def _rng_state():
-    """This process's RNG states, as tensors and plain values (``torch.load(weights_only=True)`` reads them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, words, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": [version, torch.tensor(words, dtype=torch.int64), gauss_next],
-    }
-
-
-def _set_rng_states(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, words, gauss_next = state["python"]
-    random.setstate((version, tuple(words.tolist()), gauss_next))
-
-
-def _gather_rng_states(epoch):
-    """{"format", "epoch", "ranks": [state of rank 0, rank 1, ...]}; a collective call under DDP."""
-    states = [_rng_state()]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, _rng_state())
-    return {"format": RNG_FORMAT, "epoch": int(epoch), "ranks": states}
-
-
-def _read_rng_states(checkpoint_path, epoch):
-    """This rank's states from ``checkpoint_<epoch>.rng.pth`` beside ``checkpoint_path``, or None (with a warning)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"checkpoint_{epoch}{RNG_SUFFIX}")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    why = None
-    if not os.path.isfile(path):
-        why = f"{path} does not exist (a checkpoint of LAVIS's own runner, or the file was not copied)"
-    else:
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged sidecar must not stop a resume
-            saved, why = None, f"{path} cannot be read ({type(e).__name__}: {e})"
-        if saved is not None:
-            if not isinstance(saved, dict) or saved.get("format") != RNG_FORMAT or saved.get("epoch") != epoch:
-                why = f"{path} does not hold the RNG states of epoch {epoch}"
-            elif len(saved["ranks"]) != world:
-                why = f"{path} was written by {len(saved['ranks'])} ranks, this run has {world}"
-            else:
-                return saved["ranks"][rank]
-    logging.warning(
-        "resume: RNG states not restored: %s. Training continues, but the data order, masking and dropout "
-        "of the resumed epochs differ from an uninterrupted run (not bit-exact).", why,
-    )
-    return None
 
 
 def _point_latest_at(run_dir):
@@ -396,13 +311,3 @@ def _point_latest_at(run_dir):
     tmp = f"{link}.{os.getpid()}"
     os.symlink(os.path.basename(run_dir), tmp)
     os.replace(tmp, link)
-
-
-@contextlib.contextmanager
-def _patched(module, name, value):
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)

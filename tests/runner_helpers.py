@@ -2,7 +2,6 @@
 test_bad_inputs.py."""
 import os
 
-import torch
 import yaml
 
 TINY_OPT_WIDTH, TINY_T5_WIDTH = 48, 40  # lavis_pformer.tiny.SIZES
@@ -10,12 +9,10 @@ TINY_OPT_WIDTH, TINY_T5_WIDTH = 48, 40  # lavis_pformer.tiny.SIZES
 
 def make_teacher(tiny, path, llm="opt", num_query_token=4):
     """A (random-headed) P-Former checkpoint for the tiny OPT or T5, as stage 0 would export it."""
-    from lavis_pformer.pformer import PFormer
+    from lavis_pformer.pformer import save_untrained_pformer
 
-    torch.manual_seed(0)
     width = {"opt": TINY_OPT_WIDTH, "t5": TINY_T5_WIDTH}[llm]
-    PFormer.from_bert(tiny["bert"], num_query_token, width, tiny[llm], embed_dim=16).save(str(path))
-    return str(path)
+    return save_untrained_pformer(path, tiny["bert"], num_query_token, width, tiny[llm], embed_dim=16, seed=0)
 
 
 def run_section(output_dir, task, **run):

@@ -216,7 +216,7 @@ def lavis_reference(run, llm, pixels):
 def exported(tiny, hf_site, tmp_path_factory):
     from lavis.processors.blip_processors import BlipImageEvalProcessor
 
-    from lavis_pformer import export_hf
+    from lavis_pformer.export_hf import cli as export_hf
 
     root = str(tmp_path_factory.mktemp("export_hf"))
     llm_dirs = {"opt": wide_opt(tiny["opt"], os.path.join(root, "opt")), "t5": tiny["t5"]}
@@ -404,7 +404,8 @@ def test_model_card_provenance(exported, llm):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_refuses_vits_that_blip2_vision_model_cannot_express(exported):
-    from lavis_pformer.export_hf import ExportError, vision_part
+    from lavis_pformer.export_hf import ExportError
+    from lavis_pformer.export_hf.mapping import vision_part
 
     model = exported["models"]["opt"]
     with pytest.raises(ExportError, match="clip_L"):
@@ -420,7 +421,8 @@ def test_refuses_vits_that_blip2_vision_model_cannot_express(exported):
 
 
 def test_refuses_qformers_that_blip2_qformer_cannot_express(exported):
-    from lavis_pformer.export_hf import ExportError, qformer_part
+    from lavis_pformer.export_hf import ExportError
+    from lavis_pformer.export_hf.mapping import qformer_part
 
     model = exported["models"]["t5"]
     relative = copy.deepcopy(model)
@@ -437,7 +439,8 @@ def test_refuses_qformers_that_blip2_qformer_cannot_express(exported):
 
 
 def test_refuses_eval_processors_blip_image_processor_cannot_express():
-    from lavis_pformer.export_hf import ExportError, image_processor_config
+    from lavis_pformer.export_hf import ExportError
+    from lavis_pformer.export_hf.processors import image_processor_config
 
     def run_cfg(eval_cfg):
         return OmegaConf.create({"datasets": {"coco_caption": {"vis_processor": {"eval": eval_cfg}}}})
@@ -449,7 +452,7 @@ def test_refuses_eval_processors_blip_image_processor_cannot_express():
 
 
 def test_cli_errors_are_one_clear_line(exported, tmp_path, capsys):
-    from lavis_pformer.export_hf import main
+    from lavis_pformer.export_hf.cli import main
 
     run = exported["runs"]["opt"]
     assert main(["--cfg-path", run["cfg"], "--checkpoint", str(tmp_path / "none.pth"), "--out", str(tmp_path / "o")]) == 2
@@ -465,7 +468,7 @@ def test_cli_errors_are_one_clear_line(exported, tmp_path, capsys):
 
 def test_exports_a_stock_lavis_checkpoint_under_the_plugin_arch(exported, tmp_path):
     """A checkpoint written by stock LAVIS blip2_opt (same tensors) exports with the plugin's config."""
-    from lavis_pformer.export_hf import main
+    from lavis_pformer.export_hf.cli import main
 
     run = exported["runs"]["opt"]
     checkpoint = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)

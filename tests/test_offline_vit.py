@@ -104,7 +104,7 @@ def test_lavis_vit_from_a_local_file_offline(tiny, tmp_path, no_network, small_l
 
 def test_offline_uses_lavis_cache_when_no_file_is_given(tiny, tmp_path, monkeypatch, no_network, small_lavis_vits):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    from lavis_pformer.backbones import lavis_vit_cache_file
+    from lavis_pformer.vit_weights import lavis_vit_cache_file
 
     cached = lavis_vit_cache_file("eva_clip_g")
     assert cached.startswith(str(tmp_path)) and cached.endswith("eva_vit_g.pth")

@@ -26,7 +26,8 @@ from array import array
 
 import numpy as np
 
-from lavis_pformer.errors import DataError, MissingFileError
+from lavis_pformer.datasets.files import check_file, invalid_json
+from lavis_pformer.errors import DataError
 
 REQUIRED = ("image", "caption", "image_id")
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -74,14 +75,11 @@ def _json_array_elements(path, what):
                 if pos < len(buffer) or not fill():
                     return buffer[pos] if pos < len(buffer) else ""
 
-        def invalid(why):
-            return DataError(f"{what} {path} is not valid JSON ({why}). Fix or regenerate the file.")
-
         fill()
         first = skip_space()
         if first != "[":
             if first == "":
-                raise invalid("the file is empty")
+                raise invalid_json(what, path, "the file is empty")
             raise DataError(f"{what} {path}: expected a JSON list of objects with keys {list(REQUIRED)}, "
                             f"but it starts with {first!r}.")
         pos += 1
@@ -96,7 +94,7 @@ def _json_array_elements(path, what):
                         break
                 except json.JSONDecodeError as e:
                     if eof:
-                        raise invalid(f"entry {index}: {e.msg}") from None
+                        raise invalid_json(what, path, f"entry {index}: {e.msg}") from None
                 if not fill():
                     eof = True
             pos = end
@@ -106,7 +104,8 @@ def _json_array_elements(path, what):
             if separator == "]":
                 return
             if separator != ",":
-                raise invalid(f"after entry {index - 1}: expected ',' or ']', found {separator or 'the end of the file'!r}")
+                found = separator or "the end of the file"
+                raise invalid_json(what, path, f"after entry {index - 1}: expected ',' or ']', found {found!r}")
             pos += 1
             skip_space()
 
@@ -130,15 +129,12 @@ def _json_lines(path, what):
 def annotation_records(path, key):
     """(index, record) of a caption annotation file: a JSON list, or JSON lines (``.jsonl`` / ``.ndjson``)."""
     what = "annotation file"
-    if not os.path.isfile(path):
-        state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise MissingFileError(f"{what} {path} {state} (cwd {os.getcwd()}). Fix {key}: relative paths are resolved "
-                               "against the current working directory.")
+    check_file(path, what, key)
     lines = os.path.splitext(path)[1].lower() in (".jsonl", ".ndjson")
     try:
         yield from (_json_lines(path, what) if lines else _json_array_elements(path, what))
     except UnicodeDecodeError as e:
-        raise DataError(f"{what} {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
+        raise invalid_json(what, path, e) from None
 
 
 def _digest(value):

@@ -48,12 +48,6 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "configs",
-    "datasets",
-    "sentence_corpus.yaml",
-)
 _BOM = b"\xef\xbb\xbf"
 # Optional fields of JSON-lines records, passed through for stage 0's text-only QA term.
 QA_FIELDS = ("question", "answer")
@@ -307,7 +301,7 @@ class SentenceCorpusBuilder(LocalDatasetBuilder):
     """Builds train/val/test SentenceCorpusDatasets from local files; a given config is merged
     over the default yaml, so only ``build_info.annotations`` is required."""
 
-    DATASET_CONFIG_DICT = {"default": _CONFIG_PATH}
+    NAME = "sentence_corpus"
 
     def build(self):
         self.build_processors()

@@ -1,52 +1,8 @@
 """Video captioning on precomputed clip features, registered as the LAVIS builder ``video_features_caption``.
 
-Nothing is ever downloaded; relative paths are resolved against the current working directory::
-
-    datasets:
-      video_features_caption:
-        feat_dim: 1024              # width of a clip feature (I3D: 1024)
-        max_clips: 32               # longer videos are subsampled to this many clips
-        clip_sampling: uniform      # uniform (default) | truncate
-        build_info:
-          features: {storage: DIR}                  # one <videoID>.npy per video
-          annotations:
-            train: {storage: DIR/vatex_train.json}  # a path or a list of paths
-            val:   {storage: DIR/vatex_val.json}
-            test:  {storage: DIR/vatex_test.json}
-          gt_dir: ""                # where the COCO ground truth of val/test is written
-                                    # ("" = output/cache/video_features_caption under the cwd)
-
-Caption files use VATEX's layout: a JSON list of ``{"videoID": str, "enCap": [str, ...], ...}`` (other
-keys, e.g. ``chCap``, are ignored). Feature files are ``<features>/<videoID>.npy`` holding a float array
-``[clips, feat_dim]``; VATEX's released I3D files are ``[1, clips, 1024]`` and the leading 1 is dropped.
-
-Splits
-------
-- ``train`` -> :class:`VideoFeatureCaptionDataset`: one item per (video, caption) pair,
-  ``{"clip_features": [clips, D] float, "text_input": processed caption, "image_id": video index,
-  "instance_id"}``.
-- ``val`` / ``test`` -> :class:`VideoFeatureCaptionEvalDataset`: one item per video,
-  ``{"clip_features", "image_id": int (the video's index in the split), "instance_id"}``. The dataset's
-  ``coco_gt_file`` is a COCO caption ground truth of the split (every ``enCap`` of every video, ids = those
-  ``image_id``), written at build time into ``gt_dir`` under a name that includes a hash of the caption
-  files, so the offline captioning evaluation (task ``captioning_pformer``) scores the split locally.
-  ``video_ids`` maps ``image_id`` back to the ``videoID``.
-
-Clips and batches
------------------
-A video with more than ``max_clips`` clips is **uniformly subsampled** (``clip_sampling: uniform``: clips
-at evenly spaced positions over the whole video, first and last included, order kept), so the model sees
-the whole video as I3D pipelines usually do; ``truncate`` keeps the first ``max_clips`` instead. The
-collater pads to the longest video of the batch (never more than ``max_clips``) with zeros and returns
-``clip_mask`` [B, T] (long, 1 = real clip, 0 = padding) next to ``clip_features`` [B, T, D].
-
-Errors
-------
-Problems with the data are found at build when cheap (malformed caption file, duplicate ``videoID``,
-a video without English captions, missing feature files, a wrong shape of the first feature file) and at
-``__getitem__`` otherwise; every error names the file: :class:`FeatureFileError` (a ``ValueError``) for an
-unreadable file, a wrong number of dimensions, a wrong feature width, no clips or non-finite values;
-``FileNotFoundError`` for a missing file.
+Captions in VATEX's layout, one ``<videoID>.npy`` of clip features per video; train items are (video, caption)
+pairs, val / test items videos scored against a COCO ground truth written at build. Nothing is downloaded; errors
+name the file (:class:`FeatureFileError` for a feature file that cannot be used). Formats and settings: docs/data.md.
 """
 
 import hashlib
@@ -60,13 +16,13 @@ from lavis.common.registry import registry
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from omegaconf import OmegaConf
 
+from lavis_pformer.datasets.files import check_folder, load_json, local_path
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from lavis_pformer.errors import ConfigError, DataError, MissingFileError, OutputFolderError
 from torch.utils.data.dataloader import default_collate
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
 DEFAULT_GT_DIR = os.path.join("output", "cache", "video_features_caption")
 CLIP_SAMPLING = ("uniform", "truncate")
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
@@ -153,17 +109,7 @@ def pad_clips(features, max_clips=None):
 
 def load_vatex_captions(path, key="build_info.annotations.<split>.storage"):
     """[(videoID, [English captions])] from a VATEX-format JSON file; errors name the file and entry."""
-    if not os.path.isfile(path):
-        state = "is not a file" if os.path.exists(path) else "does not exist"
-        raise MissingFileError(
-            f"caption file {path} {state} (cwd {os.getcwd()}). Fix {key}: relative paths are resolved against "
-            "the current working directory."
-        )
-    try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"caption file {path} is not valid JSON ({e}). Fix or regenerate the file.") from None
+    records = load_json(path, "caption file", key)
     if not isinstance(records, list):
         raise DataError(
             f"caption file {path}: expected VATEX's layout, a JSON list of {{\"videoID\": str, \"enCap\": [str, "
@@ -285,45 +231,38 @@ class VideoFeatureCaptionEvalDataset(VideoFeatureCaptionDataset):
 
 @registry.register_builder("video_features_caption")
 class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
-    """VATEX-style video captions over precomputed clip features (see the module docstring)."""
+    """VATEX-style video captions over precomputed clip features (docs/data.md)."""
 
     NAME = "video_features_caption"
-    SPLITS = ("train", "val", "test")
-    DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "video_features_caption.yaml")}
     train_dataset_cls, eval_dataset_cls = VideoFeatureCaptionDataset, VideoFeatureCaptionEvalDataset
-
-    def _key(self, *parts):
-        return ".".join(("datasets", self.NAME) + parts)
 
     def _settings(self):
         feat_dim, max_clips = self.config.get("feat_dim"), self.config.get("max_clips")
         for key, value in (("feat_dim", feat_dim), ("max_clips", max_clips)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{self._key(key)} must be a positive integer, got {value!r}")
+                raise ConfigError(f"datasets.{self.NAME}.{key} must be a positive integer, got {value!r}")
         sampling = self.config.get("clip_sampling", "uniform")
         if sampling not in CLIP_SAMPLING:
-            raise ConfigError(f"{self._key('clip_sampling')} must be one of {list(CLIP_SAMPLING)}, got {sampling!r}")
+            raise ConfigError(f"datasets.{self.NAME}.clip_sampling must be one of {list(CLIP_SAMPLING)}, "
+                              f"got {sampling!r}")
         return feat_dim, max_clips, sampling
 
     def _features_root(self):
-        key = self._key("build_info", "features", "storage")
+        key = self._key("features", "storage")
         info = self.config.build_info.get("features")
-        value = None if info is None or OmegaConf.is_missing(info, "storage") else info.get("storage")
-        if not isinstance(value, str) or not value:
+        if info is None:
             raise ConfigError(f"set {key} to the folder holding one <videoID>.npy per video.")
-        root = os.path.abspath(os.path.expanduser(value))
-        if not os.path.isdir(root):
-            state = "is not a folder" if os.path.exists(root) else "does not exist"
-            raise MissingFileError(f"feature folder {root} {state} (cwd {os.getcwd()}). Fix {key}.")
+        root = self._path(info, "storage", key)
+        check_folder(root, "feature folder", key)
         return root
 
     def _split_videos(self, split, info):
-        key = self._key("build_info", "annotations", split, "storage")
+        key = self._key("annotations", split, "storage")
         storage = None if OmegaConf.is_missing(info, "storage") else info.get("storage")
         paths = [storage] if isinstance(storage, str) else list(storage or [])
         if not paths:
             raise ConfigError(f"set {key} to a VATEX-format caption file (or a list of files).")
-        paths = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+        paths = [local_path(p) for p in paths]
         videos, seen = [], {}
         for path in paths:
             for video_id, caps in load_vatex_captions(path, key):
@@ -350,16 +289,9 @@ class VideoFeaturesCaptionBuilder(LocalDatasetBuilder):
         self.build_processors()
         feat_dim, max_clips, sampling = self._settings()
         root = self._features_root()
-        annotations = self.config.build_info.get("annotations") or {}
-        unknown = [s for s in annotations if s not in self.SPLITS]
-        if unknown or not annotations:
-            raise ConfigError(
-                f"{self._key('build_info', 'annotations')}: give at least one of {list(self.SPLITS)}"
-                + (f"; unknown split(s) {unknown}" if unknown else "")
-            )
         gt_dir = self.config.build_info.get("gt_dir") or DEFAULT_GT_DIR
         datasets = {}
-        for split, info in annotations.items():
+        for split, info in self._splits().items():
             paths, videos = self._split_videos(split, info)
             self._check_features(root, videos, feat_dim, split)
             common = dict(features_root=root, videos=videos, feat_dim=feat_dim, max_clips=max_clips,

@@ -22,13 +22,10 @@ import torch
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
-from lavis_pformer.backbones import BackboneMixin, hub_load_errors, sentencepiece_conversion_errors
-from lavis_pformer.config_checks import as_bool, as_float
+from lavis_pformer.backbones import BackboneMixin, sentencepiece_conversion_errors
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
-from lavis_pformer.models.blip2_opt_pformer import Stage2Mixin
-from lavis_pformer.models.blip2_qformer_pformer import lavis_vit_qformer_kwargs, plugin_kwargs
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
-from lavis_pformer.paths import resolve_model_path
+from lavis_pformer.models.common import CONFIG_DIR
+from lavis_pformer.models.stage2 import Stage2Mixin
 from lavis_pformer.text import split_prefix_suffix
 
 
@@ -49,6 +46,8 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
     DEFAULT_ALIGNMENT_WEIGHT = 100.0
     PROJ = "t5_proj"
     LLM_KEY = "t5_model"
+    DEFAULT_LLM = "google/flan-t5-xl"
+    DEFAULT_LLM_PRECISION = "bf16"
     CONCAT_AUTOCAST_DTYPE = torch.bfloat16  # Blip2T5.forward concatenates under maybe_autocast(dtype=bfloat16)
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
@@ -57,17 +56,9 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         with sentencepiece_conversion_errors():
             super().__init__(**lavis_kwargs)  # casts T5 to bf16
-        self._llm_name = lavis_kwargs.get("t5_model", "google/flan-t5-xl")
-        self.t5_model = self.cast_llm(self.t5_model, llm_precision)
-        self.exclude_from_checkpoint("t5_model.")
         self.rng = random.Random(split_seed)
-        self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=self.t5_model.config.hidden_size,
-            llm_name=lavis_kwargs.get("t5_model", "google/flan-t5-xl"), for_training=for_training,
-        )
-        self.setup_lm_weight(lm_weight)
-        self.setup_prompt_dtype()
+        self.setup_stage2(lavis_kwargs.get("t5_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
+                          pformer_checkpoint, for_training, lm_weight)
 
     def prepare_lavis_samples(self, samples):
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.
@@ -96,24 +87,3 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
         """LAVIS's ``Blip2T5.predict_answers`` ('generate' only, said loudly; lemmatizer without exit(1))."""
         self._check_inference_method(inference_method)
         return super().predict_answers(samples, num_beams, inference_method, *args, **kwargs)
-
-    @classmethod
-    def from_config(cls, cfg, for_training=False):
-        """Keys: Blip2T5's (vit_model, image_size, num_query_token, t5_model, drop_path_rate,
-        use_grad_checkpoint, vit_precision, freeze_vit, prompt, max_txt_len, apply_lemmatizer) +
-        cross_attention_freq (2, as LAVIS; must be the value of the stage-1 checkpoint it starts from), bert_model,
-        vit_config, llm_precision (bf16), alignment_weight (default 100), lm_weight (default 1; 0 = alignment
-        only), pformer_checkpoint, load_pretrained / pretrained (a stage-1 checkpoint), load_finetuned / finetuned.
-        """
-        with hub_load_errors(cfg):
-            model = cls(
-                t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
-                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-                prompt=cfg.get("prompt", "") or "",
-                llm_precision=cfg.get("llm_precision", "bf16"),
-                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-                **lavis_vit_qformer_kwargs(cfg),
-                **plugin_kwargs(cls, cfg, for_training),
-            )
-        model.load_checkpoint_from_config(cfg)
-        return model

@@ -11,10 +11,8 @@ from transformers import AutoTokenizer
 from lavis.common.registry import registry
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.backbones import hub_load_errors
-from lavis_pformer.config_checks import as_float
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR, PFormerPretrain
-from lavis_pformer.paths import resolve_model_path
+from lavis_pformer.models.common import CONFIG_DIR
+from lavis_pformer.models.pformer_pretrain import PFormerPretrain
 
 
 @registry.register_model("pformer_opt")
@@ -24,6 +22,8 @@ class PFormerOPT(PFormerPretrain):
         "pformer_opt6.7b": os.path.join(CONFIG_DIR, "pformer_opt6.7b.yaml"),
         "tiny": os.path.join(CONFIG_DIR, "pformer_opt_tiny.yaml"),
     }
+    LLM_KEY, DEFAULT_LLM, DEFAULT_LLM_PRECISION = "opt_model", "facebook/opt-2.7b", "fp16"
+    DEFAULT_MASK_PROB, DEFAULT_VQ_WEIGHT = 0.25, 1.0
 
     def __init__(self, opt_model="facebook/opt-2.7b", llm_precision="fp16", **kwargs):
         super().__init__(llm_name=opt_model, **kwargs)
@@ -80,16 +80,3 @@ class PFormerOPT(PFormerPretrain):
             )
         texts = self.opt_tokenizer.batch_decode(out[:, bos.input_ids.shape[1]:], skip_special_tokens=True)
         return [t.strip() for t in texts]
-
-    @classmethod
-    def from_config(cls, cfg):
-        with hub_load_errors(cfg):
-            model = cls(
-                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
-                llm_precision=cfg.get("llm_precision", "fp16"),
-                mask_prob=as_float(cfg, "mask_prob", 0.25, minimum=0),
-                vq_weight=as_float(cfg, "vq_weight", 1.0, minimum=0),
-                **cls.common_kwargs(cfg),
-            )
-        return model.finish_from_config(cfg)
-

@@ -14,15 +14,13 @@ import torch
 
 from lavis.models.blip2_models.blip2 import Blip2Base
 
-from lavis_pformer.backbones import BackboneMixin, bert_tokenizer
+from lavis_pformer.backbones import BackboneMixin, bert_tokenizer, hub_load_errors
 from lavis_pformer.config_checks import as_bool, as_float, as_int
 from lavis_pformer.errors import ConfigError
 from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.losses import two_view_contrastive_loss, vq_commitment_loss
 from lavis_pformer.pformer import PFormer
 from lavis_pformer.text import mask_tokens
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 
 PFORMER_EXPORT_NAME = "pformer.pth"
 # The zero-shot VQA prompt of the paper's evaluation, reused by the optional text-only QA term.
@@ -31,6 +29,9 @@ QA_PROMPT = "Question: {} Short answer:"
 
 class PFormerPretrain(BackboneMixin, Blip2Base):
     """P-Former + frozen LLM.  forward -> {"loss", "loss_lm", "loss_c", "loss_vq"} (weighted terms)."""
+
+    # Set by the OPT / T5 variant: the LLM's config key and the config defaults that differ between them.
+    LLM_KEY = DEFAULT_LLM = DEFAULT_LLM_PRECISION = DEFAULT_MASK_PROB = DEFAULT_VQ_WEIGHT = None
 
     def __init__(self, bert_model, llm_name, num_query_token=32, max_txt_len=32, embed_dim=256,
                  mask_prob=0.25, lm_weight=1.0, contrastive_weight=1.0, vq_weight=1.0,
@@ -136,6 +137,20 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
         path = os.path.join(output_dir, PFORMER_EXPORT_NAME)
         self.pformer.save(path)
         return path
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Keys: ``LLM_KEY`` (opt_model / t5_model), llm_precision, mask_prob, vq_weight (defaults of the OPT / T5
+        variant) and those of :meth:`common_kwargs`."""
+        with hub_load_errors(cfg):
+            model = cls(
+                **{cls.LLM_KEY: resolve_model_path(cfg.get(cls.LLM_KEY, cls.DEFAULT_LLM), f"model.{cls.LLM_KEY}")},
+                llm_precision=cfg.get("llm_precision", cls.DEFAULT_LLM_PRECISION),
+                mask_prob=as_float(cfg, "mask_prob", cls.DEFAULT_MASK_PROB, minimum=0),
+                vq_weight=as_float(cfg, "vq_weight", cls.DEFAULT_VQ_WEIGHT, minimum=0),
+                **cls.common_kwargs(cfg),
+            )
+        return model.finish_from_config(cfg)
 
     @classmethod
     def common_kwargs(cls, cfg):

@@ -14,10 +14,9 @@ from transformers import T5Config, T5TokenizerFast
 from lavis.common.registry import registry
 from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 
-from lavis_pformer.backbones import hub_load_errors, sentencepiece_conversion_errors
-from lavis_pformer.config_checks import as_float
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR, PFormerPretrain
-from lavis_pformer.paths import resolve_model_path
+from lavis_pformer.backbones import sentencepiece_conversion_errors
+from lavis_pformer.models.common import CONFIG_DIR
+from lavis_pformer.models.pformer_pretrain import PFormerPretrain
 from lavis_pformer.text import split_prefix_suffix
 
 
@@ -28,6 +27,8 @@ class PFormerT5(PFormerPretrain):
         "pformer_flant5xxl": os.path.join(CONFIG_DIR, "pformer_flant5xxl.yaml"),
         "tiny": os.path.join(CONFIG_DIR, "pformer_t5_tiny.yaml"),
     }
+    LLM_KEY, DEFAULT_LLM, DEFAULT_LLM_PRECISION = "t5_model", "google/flan-t5-xl", "bf16"
+    DEFAULT_MASK_PROB, DEFAULT_VQ_WEIGHT = 0.0, 0.0
 
     def __init__(self, t5_model="google/flan-t5-xl", llm_precision="bf16", **kwargs):
         super().__init__(llm_name=t5_model, **kwargs)
@@ -93,15 +94,3 @@ class PFormerT5(PFormerPretrain):
             )
         suffixes = self.t5_tokenizer.batch_decode(out, skip_special_tokens=True)
         return [f"{p} {s}".strip() for p, s in zip(prefixes, suffixes)]
-
-    @classmethod
-    def from_config(cls, cfg):
-        with hub_load_errors(cfg):
-            model = cls(
-                t5_model=resolve_model_path(cfg.get("t5_model", "google/flan-t5-xl"), "model.t5_model"),
-                llm_precision=cfg.get("llm_precision", "bf16"),
-                mask_prob=as_float(cfg, "mask_prob", 0.0, minimum=0),
-                vq_weight=as_float(cfg, "vq_weight", 0.0, minimum=0),
-                **cls.common_kwargs(cfg),
-            )
-        return model.finish_from_config(cfg)

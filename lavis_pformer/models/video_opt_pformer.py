@@ -1,60 +1,31 @@
 """Video captioning on precomputed clip features with a frozen OPT (``video_opt_pformer``; paper Table 7, VATEX).
 
-    clip features [B, T <= max_clips, feat_dim] + clip_mask [B, T]
-      -> LayerNorm + learned temporal position embedding          (ln_features, clip_position)
-      -> connector: LAVIS's Q-Former BertModel, Q learned query tokens self-attending and cross-attending
-         to the (unmasked) clips                                  (Qformer, query_tokens) -> [B, Q, H_q]
-      -> opt_proj: Linear(H_q, H_llm)                              -> soft prompt [B, Q, H_llm]
-      -> frozen OPT reads [soft prompt ; caption tokens]          (captioning loss, ``loss_lm``)
-
-plus, as in image stage 2, ``loss_align = alignment_weight * MSE(opt_proj output, P-Former prompt(caption))``
-from :class:`~lavis_pformer.models.alignment.PFormerAlignmentMixin` and
-:func:`~lavis_pformer.losses.alignment_loss`, both unchanged.
-
-Why a Q-Former connector (and not a plain BERT encoder over the projected clips): its output always has
-Q = ``num_query_token`` positions whatever the number of clips, which is exactly the shape of the P-Former
-prompt [B, Q, H_llm] that the alignment loss compares it with; a plain encoder would output one vector per
-clip (a variable number, partly padding), leaving the alignment target undefined. Padding clips are
-excluded through the cross-attention mask, so the output does not depend on padding. The connector takes its
-config and initial weights from ``bert_model`` (bert-base-uncased in the paper-sized config; its
-cross-attention layers, every ``cross_attention_freq``-th block, are new), as BLIP-2's Q-Former does; its
-text-only parts (word/position embeddings, the text FFNs, the LM head) are removed, as LAVIS's Blip2OPT does.
-
-Trainable: ln_features, clip_position, query_tokens, Qformer, opt_proj. Frozen and never saved: the OPT
-(``opt_model.``) and the P-Former teacher. The teacher exists only when the model is built for training with
-``alignment_weight > 0`` (task ``captioning_pformer`` passes ``for_training``), so evaluation never needs it.
-
-``lm_weight`` scales the captioning loss; ``lm_weight: 0`` trains the connector on the alignment loss alone
-(the OPT is then not run in ``forward``): stage 1 of the two-stage schedule. ``loss_lm`` in the output is
-the weighted term, so ``loss = loss_lm + loss_align``.
-
-Samples: ``clip_features`` [B, T, feat_dim] float, ``clip_mask`` [B, T] (1 = clip, 0 = padding; all ones when
-absent), ``text_input`` (training). ``generate`` follows LAVIS's ``Blip2OPT.generate`` (beam search by default;
-the OPT continues the configurable ``prompt`` after the soft prompt).
+Clip features -> a Q-Former connector (Q query tokens cross-attending to the unmasked clips) -> ``opt_proj`` -> a
+soft prompt the frozen OPT reads (:mod:`~lavis_pformer.models.frozen_opt`), plus the alignment loss of image stage 2
+(:class:`~lavis_pformer.models.alignment.PFormerAlignmentMixin`). What it computes, what it trains and its samples:
+docs/training.md (Video captioning).
 """
 import logging
 import os
 
 import torch
 import torch.nn as nn
-from transformers import AutoTokenizer
 
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
-from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.backbones import DTYPES, BackboneMixin, hub_load_errors
+from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.config_checks import as_float, as_int
 from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
-from lavis_pformer.models.blip2_qformer_pformer import optional_str
-from lavis_pformer.models.pformer_pretrain import CONFIG_DIR
+from lavis_pformer.models.common import CONFIG_DIR, optional_str
+from lavis_pformer.models.frozen_opt import FrozenOPTMixin
 from lavis_pformer.paths import resolve_model_path
 
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
 
 
-class VideoOPT(BackboneMixin, Blip2Base):
+class VideoOPT(FrozenOPTMixin, BackboneMixin, Blip2Base):
     """The video captioner without the P-Former side: connector + projection + frozen OPT."""
 
     def __init__(self, bert_model="bert-base-uncased", num_query_token=32, cross_attention_freq=2, feat_dim=1024,
@@ -78,21 +49,8 @@ class VideoOPT(BackboneMixin, Blip2Base):
             layer.output = None
             layer.intermediate = None
 
-        if llm_precision not in DTYPES:
-            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{llm_precision}'")
-        self.opt_tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
-        self.opt_model = OPTForCausalLM.from_pretrained(opt_model, torch_dtype=DTYPES[llm_precision])
-        for param in self.opt_model.parameters():
-            param.requires_grad = False
-        self.exclude_from_checkpoint("opt_model.")
-        self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
+        self.setup_opt(opt_model, llm_precision, prompt, max_txt_len)
         self.opt_proj = nn.Linear(self.Qformer.config.hidden_size, self.opt_model.config.hidden_size)
-
-        self.max_txt_len = max_txt_len
-        self.prompt = prompt or ""
-        self.prompt_length = int(self.opt_tokenizer(self.prompt, return_tensors="pt").attention_mask.sum())
-
-    # --- video side ------------------------------------------------------------------------------------
 
     def clip_inputs(self, samples):
         """(features [B, T, feat_dim], mask [B, T] long) from the samples, checked."""
@@ -129,31 +87,6 @@ class VideoOPT(BackboneMixin, Blip2Base):
         with self.maybe_autocast():
             return self.opt_proj(self.encode_video(features, mask))
 
-    # --- OPT side ----------------------------------------------------------------------------------------
-
-    def llm_autocast(self):
-        dtype = self.opt_model.dtype
-        return self.maybe_autocast(dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
-
-    def caption_loss(self, inputs_opt, texts):
-        """Causal LM loss of ``text + "\\n"`` after the soft prompt (prompt, padding and the prefix ignored)."""
-        device = inputs_opt.device
-        self.opt_tokenizer.padding_side = "right"
-        tokens = self.opt_tokenizer([t + "\n" for t in texts], return_tensors="pt", padding="longest",
-                                    truncation=True, max_length=self.max_txt_len).to(device)
-        targets = tokens.input_ids.masked_fill(tokens.input_ids == self.opt_tokenizer.pad_token_id, -100)
-        if self.prompt:
-            targets[:, : self.prompt_length] = -100
-        prefix_len = inputs_opt.shape[1]
-        targets = torch.cat([targets.new_full((targets.shape[0], prefix_len), -100), targets], dim=1)
-        embeds = self.opt_model.get_input_embeddings()(tokens.input_ids)
-        inputs_embeds = torch.cat([inputs_opt.to(embeds.dtype), embeds], dim=1)
-        attention_mask = torch.cat([tokens.attention_mask.new_ones(inputs_opt.shape[:2]), tokens.attention_mask], 1)
-        with self.llm_autocast():
-            out = self.opt_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=targets,
-                                 return_dict=True)
-        return out.loss
-
     def forward(self, samples):
         """{"loss": captioning loss} ({"loss": None} when lm_weight is 0: only the prompt is computed)."""
         inputs_opt = self.video_prompt(*self.clip_inputs(samples))
@@ -167,26 +100,13 @@ class VideoOPT(BackboneMixin, Blip2Base):
                  repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1):
         """Captions of the videos (``num_captions`` per video), as LAVIS's Blip2OPT.generate for images."""
         features, mask = self.clip_inputs(samples)
-        inputs_opt = self.video_prompt(features, mask)
-        batch = features.shape[0]
         prompt = samples.get("prompt", self.prompt) or ""
-        opt_tokens = self.opt_tokenizer([prompt] * batch, return_tensors="pt").to(features.device)
-        attention_mask = torch.cat([opt_tokens.attention_mask.new_ones(inputs_opt.shape[:2]),
-                                    opt_tokens.attention_mask], dim=1)
-        if use_nucleus_sampling:
-            query_embeds, num_beams = inputs_opt.repeat_interleave(num_captions, dim=0), 1
-        else:
-            query_embeds = inputs_opt.repeat_interleave(num_beams, dim=0)
-        with self.llm_autocast():
-            outputs = self.opt_model.generate(
-                input_ids=opt_tokens.input_ids, query_embeds=query_embeds.to(self.opt_model.dtype),
-                attention_mask=attention_mask, do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature,
-                num_beams=num_beams, max_new_tokens=max_length, min_length=min_length, eos_token_id=self.eos_token_id,
-                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                num_return_sequences=num_captions,
-            )
-        texts = self.opt_tokenizer.batch_decode(outputs[:, opt_tokens.input_ids.shape[1]:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return self.generate_after_prompt(
+            self.video_prompt(features, mask), [prompt] * features.shape[0], self.llm_autocast(),
+            num_beams=num_beams, do_sample=use_nucleus_sampling, num_captions=num_captions, top_p=top_p,
+            temperature=temperature, max_new_tokens=max_length, min_length=min_length,
+            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+        )
 
 
 @registry.register_model("video_opt_pformer")
