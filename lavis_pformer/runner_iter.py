@@ -144,10 +144,11 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
 
     # --- loaders ---------------------------------------------------------------------------------------------
 
+    iter_loader_class = ResumableIterLoader
+
     def create_loaders(self, *args, **kwargs):
         """LAVIS's loaders, the training one over a ResumableSampler, wrapped in a ResumableIterLoader."""
-        with mock.patch.object(lavis_runner_base, "DataLoader", self._dataloader), \
-                mock.patch.object(lavis_runner_base, "IterLoader", ResumableIterLoader):
+        with mock.patch.object(lavis_runner_base, "DataLoader", self._dataloader):
             return super().create_loaders(*args, **kwargs)
 
     def _dataloader(self, dataset, **kwargs):

@@ -205,9 +205,11 @@ class RunnerPFormer(RunnerBase):
                 self._wrapped_model = self._model
         return self._wrapped_model
 
+    iter_loader_class = _IterLoader  # the class that wraps the training loader (LAVIS: IterLoader)
+
     def create_loaders(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch.object(lavis_runner_base, "IterLoader", _IterLoader))
+            stack.enter_context(mock.patch.object(lavis_runner_base, "IterLoader", self.iter_loader_class))
             if self.device.type != "cuda":
                 stack.enter_context(mock.patch.object(lavis_runner_base, "PrefetchLoader", _NoPrefetch))
             return super().create_loaders(*args, **kwargs)
