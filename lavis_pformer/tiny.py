@@ -142,7 +142,7 @@ def build_all(root, seed=0):
 
     Returns the paths: bert, opt, t5, vit, world (folder) and sentences (its stage-0 corpus).
     """
-    from lavis_pformer.demo.shapes_world import generate
+    from lavis_pformer.synthetic.shapes_world import generate
 
     world = generate(os.path.join(root, "world"), seed=seed, n_train=64, n_val=16, n_test=16, n_corpus=512, n_vision=0)
     paths = {

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from lavis_pformer.demo import shapes_world
+from lavis_pformer.synthetic import shapes_world
 from lavis_pformer.demo import train_lm as T
 
 

@@ -22,7 +22,7 @@ from lavis_pformer.datasets.video_features import (
     pad_clips,
     select_clips,
 )
-from lavis_pformer.demo.video_world import generate
+from lavis_pformer.synthetic.video_world import generate
 
 ARCH = "video_opt_pformer"
 BUILDER = "video_features_caption"
@@ -115,7 +115,7 @@ def test_video_world_is_deterministic_and_in_vatex_layout(world, tmp_path):
 
 def test_video_world_features_carry_the_caption(tmp_path):
     """Without noise, a least-squares readout of the features recovers colour, shape and direction."""
-    from lavis_pformer.demo.video_world import STRUCTURE, projection
+    from lavis_pformer.synthetic.video_world import STRUCTURE, projection
 
     paths = generate(str(tmp_path / "w"), seed=3, n_train=30, n_val=0, n_test=0, feat_dim=64, noise=0.0)
     matrix = projection(3, 64)

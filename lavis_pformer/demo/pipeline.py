@@ -97,7 +97,7 @@ def timed(times, name, fn, *args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 
 def build_world(out, recipe):
-    from lavis_pformer.demo.shapes_world import generate
+    from lavis_pformer.synthetic.shapes_world import generate
 
     if os.path.exists(os.path.join(out, "world.json")):
         log(f"world exists: {out} (reused)")

@@ -57,7 +57,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lavis_pformer.demo.shapes_world import SEGMENT_SEP
+from lavis_pformer.synthetic.shapes_world import SEGMENT_SEP
 
 Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (pipeline SCALES["cpu"]["num_query_token"])
 QUESTION_TYPES = ("color", "shape", "count", "yesno")

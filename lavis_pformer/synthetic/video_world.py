@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m lavis_pformer.demo.video_world --out DIR [--seed 0] [--n-train 200] [--n-val 40]
+    python -m lavis_pformer.synthetic.video_world --out DIR [--seed 0] [--n-train 200] [--n-val 40]
         [--n-test 40] [--feat-dim 1024] [--min-clips 4] [--max-clips 12] [--captions-per-video 4]
         [--noise 0.1]
 
@@ -46,7 +46,7 @@ import os
 
 import numpy as np
 
-from lavis_pformer.demo.shapes_world import COLOURS, SHAPES
+from lavis_pformer.synthetic.shapes_world import COLOURS, SHAPES
 
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}

@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m lavis_pformer.demo.shapes_world --out DIR [--seed 0] [--n-train 1000] [--n-val 200]
+    python -m lavis_pformer.synthetic.shapes_world --out DIR [--seed 0] [--n-train 1000] [--n-val 200]
         [--n-test 200] [--n-corpus 40000] [--qa-fraction 0.9] [--n-vision 4000]
 
 Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written.
