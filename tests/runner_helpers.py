@@ -5,7 +5,9 @@ import os
 import torch
 import yaml
 
-TINY_OPT_WIDTH, TINY_T5_WIDTH = 48, 40  # lavis_pformer.tiny.SIZES
+from lavis_pformer.tiny import SIZES
+
+TINY_OPT_WIDTH, TINY_T5_WIDTH = SIZES["opt"]["hidden_size"], SIZES["t5"]["d_model"]
 
 
 def make_teacher(tiny, path, llm="opt", num_query_token=4):
@@ -43,7 +45,7 @@ def stage2_config(tiny, teacher, output_dir, **run):
         "model": {
             "arch": "blip2_opt_pformer", "model_type": "tiny", "load_pretrained": False,
             "bert_model": tiny["bert"], "opt_model": tiny["opt"], "pformer_checkpoint": teacher,
-            "vit_config": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 4, "checkpoint": tiny["vit"]},
+            "vit_config": dict(SIZES["vit"], checkpoint=tiny["vit"]),
         },
         "datasets": {"local_caption": {
             "vis_processor": {"train": {"name": "blip_image_eval", "image_size": 32}},

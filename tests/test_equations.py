@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from conftest import build_model, tiny_stage0_overrides
 from lavis_pformer.losses import alignment_loss, two_view_contrastive_loss, vq_commitment_loss
+from lavis_pformer.tiny import SIZES
 from runner_helpers import make_teacher
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a dog"]
@@ -197,7 +198,7 @@ def image_model(tiny, arch, teacher, weight):
     from lavis.common.registry import registry
 
     cfg = dict(bert_model=tiny["bert"], vit_model="custom_vit", image_size=32, vit_precision="fp32",
-               vit_config=dict(patch_size=8, embed_dim=32, depth=1, num_heads=4), llm_precision="fp32",
+               vit_config=SIZES["vit"], llm_precision="fp32",
                num_query_token=Q, max_txt_len=24, load_pretrained=False, alignment_weight=weight,
                pformer_checkpoint=teacher)
     if arch == "blip2_opt_pformer":

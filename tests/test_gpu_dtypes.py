@@ -18,10 +18,12 @@ import lavis_pformer  # noqa: F401
 from lavis.common.registry import registry
 from lavis_pformer.precision import cpu_autocast
 
+from lavis_pformer.tiny import SIZES
+
 from conftest import only_run_dir, run_script
 from runner_helpers import make_teacher, stage2_config
 
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LLM_KEY = {"blip2_opt_pformer": "opt_model", "blip2_t5_pformer": "t5_model"}

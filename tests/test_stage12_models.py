@@ -19,10 +19,11 @@ from lavis_pformer.backbones import BackboneMixin
 from lavis_pformer.models.alignment import AlignmentSetupError, capture_first_output
 from lavis_pformer.models.blip2_t5_pformer import Blip2T5PFormer
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
+from lavis_pformer.tiny import SIZES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = 4
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]
 STAGE1, OPT, T5 = "blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer"
 LLM_ATTR = {OPT: "opt_model", T5: "t5_model"}

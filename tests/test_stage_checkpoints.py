@@ -10,11 +10,12 @@ from omegaconf import OmegaConf
 import lavis_pformer  # noqa: F401
 from lavis.common.registry import registry
 from lavis_pformer.errors import CheckpointError, MissingFileError
+from lavis_pformer.tiny import SIZES
 from runner_helpers import TINY_T5_WIDTH, build_runner, make_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1, OPT, T5 = "blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer"
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 RECORD = "_extra_state"
 
 

@@ -23,11 +23,12 @@ from lavis_pformer.datasets.video_features import (
     select_clips,
 )
 from lavis_pformer.synthetic.video_world import generate
+from lavis_pformer.tiny import SIZES
 
 ARCH = "video_opt_pformer"
 BUILDER = "video_features_caption"
 Q, D, MAX_CLIPS = 4, 1024, 8
-OPT_WIDTH = 48  # tiny OPT (lavis_pformer.tiny.SIZES)
+OPT_WIDTH = SIZES["opt"]["hidden_size"]
 CAPTIONS = ["a red circle moves to the left", "the blue square slides up", "a green triangle goes down"]
 
 
