@@ -18,8 +18,15 @@ from torch.utils.data import DataLoader
 
 from lavis_pformer.tiny import SIZES
 
-from conftest import build_model, run_script, tiny_stage0_overrides
-from runner_helpers import build_runner, make_teacher, stage0_config, stage2_config
+from helpers import (
+    build_model,
+    build_runner,
+    make_teacher,
+    run_script,
+    stage0_config,
+    stage2_config,
+    tiny_stage0_overrides,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Text edge cases through the models of stages 0, 1 and 2.

@@ -8,7 +8,8 @@ import pytest
 
 from lavis_pformer.demo import report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 
 ANSWER_SETS = {"color": ["red", "green", "blue"], "shape": ["circle", "square", "triangle"],
                "count": ["1", "2", "3"], "yesno": ["yes", "no"]}

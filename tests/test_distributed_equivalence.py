@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO, _free_port
+from helpers import REPO, free_port
 
 SAME = 1e-5  # relative difference of float32 results computed in a different order
 
@@ -39,7 +39,7 @@ def teacher(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tiny, teacher, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist") / "two_ranks.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "tests", "dist_step.py"), "--bert", tiny["bert"], "--opt", tiny["opt"],
            "--world", tiny["world"], "--sentences", tiny["sentences"], "--pformer", teacher, "--out", out]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)

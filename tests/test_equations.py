@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import build_model, tiny_stage0_overrides
 from lavis_pformer.losses import alignment_loss, two_view_contrastive_loss, vq_commitment_loss
 from lavis_pformer.tiny import SIZES
-from runner_helpers import make_teacher
+
+from helpers import build_model, make_teacher, tiny_stage0_overrides
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a dog"]
 Q = 4

@@ -31,7 +31,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, build_model
+from helpers import REPO, build_model
 
 HF_REQUIREMENTS = os.path.join(REPO, "tests", "hf_requirements.txt")
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 4.3637}

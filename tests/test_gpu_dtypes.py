@@ -17,11 +17,9 @@ from omegaconf import OmegaConf
 import lavis_pformer  # noqa: F401
 from lavis.common.registry import registry
 from lavis_pformer.precision import cpu_autocast
-
 from lavis_pformer.tiny import SIZES
 
-from conftest import only_run_dir, run_script
-from runner_helpers import make_teacher, stage2_config
+from helpers import make_teacher, only_run_dir, run_script, stage2_config
 
 VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]

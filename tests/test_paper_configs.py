@@ -7,9 +7,10 @@ import os
 import pytest
 
 import lavis_pformer  # noqa: F401
-from conftest import REPO
 from lavis.common.config import Config
 from lavis.common.registry import registry
+
+from helpers import REPO
 
 TRAIN = os.path.join(REPO, "projects", "pformer", "train")
 

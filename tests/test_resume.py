@@ -24,8 +24,16 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, only_run_dir, run_script
-from runner_helpers import build_runner, make_teacher, own_process_group, stage0_config, stage2_config
+from helpers import (
+    REPO,
+    build_runner,
+    make_teacher,
+    only_run_dir,
+    own_process_group,
+    run_script,
+    stage0_config,
+    stage2_config,
+)
 
 EPOCHS = 3
 

@@ -25,9 +25,9 @@ import lavis_pformer.runner_iter as runner_iter
 from lavis_pformer.errors import ConfigError
 from lavis_pformer.runner_iter import ResumableIterLoader, ResumableSampler, RunnerIterPFormer
 
-from conftest import only_run_dir, run_script
-from runner_helpers import make_teacher, stage0_config, stage2_config
 from test_resume import finish, launch, load, train_stats, weights
+
+from helpers import make_teacher, only_run_dir, run_script, stage0_config, stage2_config
 
 MAX_ITERS, PER_INNER = 48, 8
 

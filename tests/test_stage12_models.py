@@ -21,7 +21,8 @@ from lavis_pformer.models.blip2_t5_pformer import Blip2T5PFormer
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
 from lavis_pformer.tiny import SIZES
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 Q = 4
 VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]

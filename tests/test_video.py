@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 
 import lavis_pformer  # noqa: F401  (registers models, builders, tasks, runner)
-from conftest import REPO, only_run_dir, run_script
 from lavis.common.config import Config
 from lavis.common.registry import registry
 from lavis_pformer.datasets.video_features import (
@@ -24,6 +23,8 @@ from lavis_pformer.datasets.video_features import (
 )
 from lavis_pformer.synthetic.video_world import generate
 from lavis_pformer.tiny import SIZES
+
+from helpers import REPO, only_run_dir, run_script
 
 ARCH = "video_opt_pformer"
 BUILDER = "video_features_caption"
