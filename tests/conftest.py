@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny backbones built offline once per session. Helpers that are not fixtures: helpers.py."""
+"""Shared fixtures: tiny backbones built offline once per session, and a 1-rank process group per module.
+
+Helpers that are not fixtures are in helpers.py."""
 import os
 
 import pytest
@@ -14,3 +16,16 @@ def tiny(tmp_path_factory):
 
     return build_all(str(tmp_path_factory.mktemp("tiny")))
 
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A 1-rank gloo group, as train.py starts without torchrun (LAVIS's Blip2Qformer.forward calls
+    dist.get_rank()); ended after the module if this fixture or the module's code (cli.build) started it."""
+    import torch.distributed as dist
+
+    existed = dist.is_initialized()
+    if not existed:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if not existed and dist.is_initialized():
+        dist.destroy_process_group()

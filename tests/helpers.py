@@ -149,13 +149,3 @@ def build_runner(cfg, workdir, monkeypatch, options=()):
         yaml.safe_dump(cfg, f)
     args = ["--cfg-path", "run.yaml"] + (["--options", *options] if options else [])
     return cli.build(cli.parse_args(args))
-
-
-def own_process_group():
-    """Generator for a module fixture: ends the 1-rank group that cli.build starts, if it started it."""
-    import torch.distributed as dist
-
-    existed = dist.is_initialized()
-    yield
-    if not existed and dist.is_initialized():
-        dist.destroy_process_group()

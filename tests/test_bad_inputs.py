@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 import yaml
 from omegaconf import OmegaConf
 from PIL import Image
@@ -41,18 +40,8 @@ TEXTS = {
 }
 STAGE0 = ("pformer_opt", "pformer_t5")
 IMAGE_MODELS = ("blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer")
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 VIT = SIZES["vit"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    """LAVIS's Blip2Qformer.forward calls dist.get_rank(): a 1-rank gloo group, as train.py starts."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from helpers import REPO, free_port
 
@@ -49,21 +48,16 @@ def two_ranks(tiny, teacher, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny, teacher):
+def one_process(tiny, teacher, process_group):
     """The same step in this process, on a 1-rank gloo group as train.py starts without torchrun."""
     import dist_step
 
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield dist_step.run_cases(tiny, teacher)
     finally:
         torch.set_num_threads(threads)
-        if created:
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

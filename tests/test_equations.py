@@ -17,7 +17,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
@@ -181,17 +180,6 @@ def test_alignment_loss_matches_its_definition():
     pred, target = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
     expected = 100 * sum((p - t) ** 2 for p, t in zip(pred.flatten().tolist(), target.flatten().tolist())) / 24
     assert alignment_loss(pred, target, 100.0).item() == pytest.approx(expected, rel=1e-6)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """LAVIS's Blip2Qformer.forward calls dist.get_rank(): a 1-rank gloo group, as train.py starts."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def image_model(tiny, arch, teacher, weight):

@@ -24,18 +24,10 @@ import pytest
 import torch
 import yaml
 
-from helpers import (
-    REPO,
-    build_runner,
-    make_teacher,
-    only_run_dir,
-    own_process_group,
-    run_script,
-    stage0_config,
-    stage2_config,
-)
+from helpers import REPO, build_runner, make_teacher, only_run_dir, run_script, stage0_config, stage2_config
 
 EPOCHS = 3
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +193,6 @@ def test_resume_on_two_gloo_ranks_is_bit_exact(tiny, teacher, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # In-process runner: atomic saves and resume errors.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    yield from own_process_group()
 
 
 @pytest.fixture

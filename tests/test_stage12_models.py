@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import lavis_pformer  # noqa: F401  (registers models, tasks, runner)
@@ -26,20 +25,10 @@ from helpers import REPO
 Q = 4
 VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 STAGE1, OPT, T5 = "blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer"
 LLM_ATTR = {OPT: "opt_model", T5: "t5_model"}
 PROJ = {STAGE1: "llm_proj", OPT: "opt_proj", T5: "t5_proj"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """LAVIS's Blip2Qformer.forward calls dist.get_rank(): a 1-rank gloo group, as train.py starts."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def model_cfg(tiny, name, **overrides):

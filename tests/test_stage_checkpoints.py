@@ -17,13 +17,7 @@ from helpers import REPO, TINY_T5_WIDTH, build_runner, make_teacher, run_section
 STAGE1, OPT, T5 = "blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer"
 VIT = SIZES["vit"]
 RECORD = "_extra_state"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    from helpers import own_process_group
-
-    yield from own_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 
 
 @pytest.fixture(scope="module")
