@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, make_teacher
 
 SAME = 1e-5  # relative difference of float32 results computed in a different order
 
@@ -27,12 +27,7 @@ def _flat(grads):
 
 @pytest.fixture(scope="module")
 def teacher(tiny, tmp_path_factory):
-    from lavis_pformer.pformer import PFormer
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("teacher") / "pformer.pth")
-    PFormer.from_bert(tiny["bert"], 4, 48, tiny["opt"], embed_dim=16).save(path)  # tiny OPT width 48
-    return path
+    return make_teacher(tiny, tmp_path_factory.mktemp("teacher") / "pformer.pth")
 
 
 @pytest.fixture(scope="module")
