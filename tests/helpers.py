@@ -1,5 +1,6 @@
 """Helpers of the test modules (fixtures are in conftest.py): running train.py / evaluate.py, building models
 and P-Former teachers on the tiny backbones, run configs and an in-process ``runner_pformer``."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -48,6 +49,16 @@ def tiny_workdir(tiny, workdir):
     for name in ("backbones", "world"):
         os.symlink(os.path.join(root, name), os.path.join(workdir, "output", "tiny", name))
     return str(workdir)
+
+
+def import_script(path):
+    """Import the script at ``path`` (a file outside any package, e.g. bench/*.py) as a module of its file name."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port():
