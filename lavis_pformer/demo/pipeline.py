@@ -22,10 +22,10 @@ import time
 import yaml
 
 from lavis_pformer.demo import frozen_backbones
+from lavis_pformer.text import QA_PROMPT
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARMS = ("baseline", "pformer", "pformer_qa")
-VQA_PROMPT = "Question: {} Short answer:"
 W1, W2 = 10, 100  # the paper's alignment weights (stage 1, stage 2)
 GRID = ((0, 0), (10, 0), (0, 100), (10, 100))
 STAGES = ("stage0", "stage1", "stage2", "eval_vqa", "eval_caption")
@@ -238,7 +238,7 @@ def vqa_cfg(ctx, name, stage2, splits=("val", "test")):
                "annotation_file": os.path.join(world, f"vqa_{s}_annotations.json")} for s in splits}
     run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "vqa", batch_size_train=ev["batch"],
                    batch_size_eval=ev["batch"], max_len=ev["vqa_max_len"], min_len=1, num_beams=ev["num_beams"],
-                   inference_method="generate", prompt=VQA_PROMPT, evaluate=True, test_splits=list(splits))
+                   inference_method="generate", prompt=QA_PROMPT, evaluate=True, test_splits=list(splits))
     return {"model": _eval_model(ctx, stage2),
             "datasets": {"local_vqa": {"build_info": {"images": {"storage": world}, "annotations": ann}}},
             "run": run}

@@ -19,7 +19,8 @@ import re
 
 import torch
 
-QUESTION_TYPES = ("color", "shape", "count", "yesno")
+from lavis_pformer.synthetic.shapes_world import QUESTION_TYPES
+
 HEADLINE_TYPES = ("color", "shape", "count")
 _LOSS_RE = re.compile(r"Train: data epoch: \[(\d+)\]\s+\[\s*(\d+)/(\d+)\].*?\bloss: ([0-9.]+)")
 

@@ -57,17 +57,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lavis_pformer.synthetic.shapes_world import SEGMENT_SEP
+from lavis_pformer.synthetic.shapes_world import QUESTION_TYPES, SEGMENT_SEP
+from lavis_pformer.text import QA_PROMPT
 
 Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (pipeline SCALES["cpu"]["num_query_token"])
-QUESTION_TYPES = ("color", "shape", "count", "yesno")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos = eos), <unk>=3
 PAD_ID, BOS_ID = 1, 2
 ANSWER_WEIGHT = 3.0
-EVAL_PROMPT = "{caption} Question: {question} Short answer:"
-# the caption as a context segment before the bos, where the image side puts its soft prompt
-CONTEXT_PROMPT = "{caption}" + SEGMENT_SEP + "Question: {question} Short answer:"
-_ANSWER_RE = re.compile(r"Short answer:( [^.\n]*)")
+ANSWER_CUE = QA_PROMPT.split("{}")[1].strip()  # "Short answer:"
+_ANSWER_RE = re.compile(re.escape(ANSWER_CUE) + r"( [^.\n]*)")  # an answer: up to "." or the end of the line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +257,11 @@ def _load_split(world_dir, split):
         questions = json.load(f)
     with open(os.path.join(world_dir, f"captions_{split}.json"), encoding="utf-8") as f:
         captions = {str(r["image_id"]): r["caption"] for r in json.load(f)}
+    # the caption before the question, and as a context segment before the bos (where the image side puts its
+    # soft prompt)
     return [
-        {"prompt": EVAL_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
-         "context_prompt": CONTEXT_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
+        {"prompt": captions[str(q["image_id"])] + " " + QA_PROMPT.format(q["question"]),
+         "context_prompt": captions[str(q["image_id"])] + SEGMENT_SEP + QA_PROMPT.format(q["question"]),
          "answer": q["answer"][0] if isinstance(q["answer"], list) else q["answer"],
          "question_type": q["question_type"]}
         for q in questions

@@ -80,6 +80,8 @@ from collections import Counter
 
 from PIL import Image, ImageDraw
 
+from lavis_pformer.text import QA_PROMPT
+
 IMAGE_SIZE = 32
 BACKGROUND = (0, 0, 0)
 COLOURS = {
@@ -103,7 +105,8 @@ SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("val", "test")
 # keys held out per eval split, by object count: an int is a number of keys, a float a share
 HELD_OUT = {1: 6, 2: 0.05, 3: 0.03}
-QA_FORMAT = "Question: {question} Short answer: {answer}"
+QA_FORMAT = QA_PROMPT.format("{question}") + " {answer}"  # "Question: {question} Short answer: {answer}"
+QUESTION_START = QA_PROMPT[: QA_PROMPT.index("{}")]  # "Question: "
 SEGMENT_SEP = "</s>"  # OPT's bos / eos: separates a corpus line's context segment from the text after it
 
 _CELL = IMAGE_SIZE // 2
@@ -207,8 +210,8 @@ def _with_context(lines, fraction, rng):
         if rng.random() >= fraction:
             out.append(line)
             continue
-        cap, sep, qa = line.partition(" Question: ")
-        second = "Question: " + qa if sep and rng.random() < 0.5 else line
+        cap, sep, qa = line.partition(" " + QUESTION_START)
+        second = QUESTION_START + qa if sep and rng.random() < 0.5 else line
         out.append(cap + SEGMENT_SEP + second)
     return out
 
@@ -434,7 +437,7 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
                 for s, qs in all_questions.items()
             },
             "corpus_lines": len(corpus),
-            "corpus_lines_with_qa": sum("Question: " in line for line in corpus),
+            "corpus_lines_with_qa": sum(QUESTION_START in line for line in corpus),
             "corpus_lines_with_context": sum(SEGMENT_SEP in line for line in corpus),
             "qa_triples": len(triples),
             "sentences": len(sentences),
