@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lavis_pformer.text import QA_PROMPT
+from lavis_pformer.tiny import SIZES
 
 from helpers import REPO, build_model
 
@@ -39,7 +40,7 @@ HF_REQUIREMENTS = os.path.join(REPO, "tests", "hf_requirements.txt")
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 4.3637}
 NUM_QUERY = 4
 LLM_KEY = {"opt": "opt_model", "t5": "t5_model"}
-LLM_WIDTH = {"opt": 48, "t5": 40}
+LLM_WIDTH = {"opt": SIZES["opt"]["hidden_size"], "t5": SIZES["t5"]["d_model"]}  # the tiny LLMs
 QUESTIONS = ["what color is the circle?", "how many shapes are there?", "is there a red square?",
              "what is on the left?", "what shape is in the middle?"]
 CAPTION_PROMPTS = {"opt": ["", "a photo of", None], "t5": ["", "a photo of"]}  # None: no text at all
