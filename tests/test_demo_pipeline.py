@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lavis_pformer.demo import report
+from lavis_pformer.demo import report, vqa_scores
 
 from helpers import REPO
 
@@ -42,7 +42,7 @@ def test_metric_helpers_on_a_hand_made_prediction_file(tmp_path):
     ]
     path = tmp_path / "pred.json"
     path.write_text(json.dumps(predictions))
-    m = report.vqa_type_metrics(json.loads(path.read_text()), items, ANSWER_SETS)
+    m = vqa_scores.vqa_type_metrics(json.loads(path.read_text()), items, ANSWER_SETS)
     color, shape, count, yesno = (m["per_type"][t] for t in ("color", "shape", "count", "yesno"))
     assert color["accuracy"] == pytest.approx(2 / 4)
     assert color["on_type"] == pytest.approx(3 / 4)
@@ -60,7 +60,7 @@ def test_metric_helpers_on_a_hand_made_prediction_file(tmp_path):
 
 def test_restricted_accuracy_is_none_without_on_type_answers():
     items = [{"question_id": 1, "answer": ["red"], "question_type": "color"}]
-    m = report.vqa_type_metrics([{"question_id": 1, "answer": "circle"}], items, ANSWER_SETS)
+    m = vqa_scores.vqa_type_metrics([{"question_id": 1, "answer": "circle"}], items, ANSWER_SETS)
     assert m["per_type"]["color"] == {"accuracy": 0.0, "restricted_accuracy": None, "on_type": 0.0, "questions": 1}
 
 

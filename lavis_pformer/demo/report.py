@@ -1,8 +1,7 @@
 """Metrics, tables and plots of the miniature demo (``pipeline.py``).
 
 VQA metrics are computed from the runs' prediction files against the world's eval lists, per question
-type, with LAVIS's answer normalisation (the world's ground truth has 10 identical answers, so the VQA
-score of a question is 1 for a match and 0 otherwise; the overall figure equals LAVIS's ``agg_metrics``/100):
+type (``vqa_scores``):
 
 - ``accuracy``: share of correct answers;
 - ``on_type``: share of answers inside the question type's answer set (world.json ``answers``);
@@ -19,72 +18,10 @@ import re
 
 import torch
 
+from lavis_pformer.demo.vqa_scores import HEADLINE_TYPES, vqa_type_metrics
 from lavis_pformer.synthetic.shapes_world import QUESTION_TYPES
 
-HEADLINE_TYPES = ("color", "shape", "count")
 _LOSS_RE = re.compile(r"Train: data epoch: \[(\d+)\]\s+\[\s*(\d+)/(\d+)\].*?\bloss: ([0-9.]+)")
-
-_VQA_EVAL = None
-
-
-def normalize_answer(answer):
-    """LAVIS's VQA answer normalisation (punctuation, number words -> digits, articles)."""
-    global _VQA_EVAL
-    if _VQA_EVAL is None:
-        try:
-            from lavis.common.vqa_tools.vqa_eval import VQAEval
-
-            _VQA_EVAL = VQAEval()
-        except Exception:  # pragma: no cover - LAVIS missing: a plain fallback
-            _VQA_EVAL = False
-    text = str(answer).replace("\n", " ").replace("\t", " ").strip().lower()
-    if _VQA_EVAL:
-        text = _VQA_EVAL.processDigitArticle(_VQA_EVAL.processPunctuation(text))
-    return text.strip()
-
-
-def vqa_type_metrics(predictions, items, answer_sets):
-    """Metrics of ``predictions`` ([{question_id, answer}]) on ``items`` ([{question_id, answer, question_type}]).
-
-    ``answer_sets``: {question_type: [answers]}. Returns {"overall", "overall_excl_yesno", "on_type",
-    "questions", "per_type": {type: {"accuracy", "restricted_accuracy", "on_type", "questions"}}}.
-    """
-    pred = {int(p["question_id"]): normalize_answer(p["answer"]) for p in predictions}
-    sets = {t: {normalize_answer(a) for a in v} for t, v in answer_sets.items()}
-    per = {}
-    for it in items:
-        gt = it["answer"][0] if isinstance(it["answer"], list) else it["answer"]
-        p = pred.get(int(it["question_id"]), "")
-        t = it["question_type"]
-        d = per.setdefault(t, {"n": 0, "hit": 0, "on": 0, "on_hit": 0})
-        hit = p == normalize_answer(gt)
-        on = p in sets.get(t, ())
-        d["n"] += 1
-        d["hit"] += hit
-        d["on"] += on
-        d["on_hit"] += hit and on
-    out = {"per_type": {}}
-    for t in [t for t in QUESTION_TYPES if t in per] + [t for t in per if t not in QUESTION_TYPES]:
-        d = per[t]
-        out["per_type"][t] = {
-            "accuracy": d["hit"] / d["n"],
-            "restricted_accuracy": d["on_hit"] / d["on"] if d["on"] else None,
-            "on_type": d["on"] / d["n"],
-            "questions": d["n"],
-        }
-
-    def pooled(types, key):
-        ds = [per[t] for t in types if t in per]
-        n = sum(d["n"] for d in ds)
-        return sum(d[key] for d in ds) / n if n else None
-
-    out["overall"] = pooled(list(per), "hit")
-    out["overall_excl_yesno"] = pooled(HEADLINE_TYPES, "hit")
-    out["on_type"] = pooled(list(per), "on")
-    out["on_type_excl_yesno"] = pooled(HEADLINE_TYPES, "on")
-    out["questions"] = sum(d["n"] for d in per.values())
-    return out
-
 
 def _load(path):
     with open(path, encoding="utf-8") as f:

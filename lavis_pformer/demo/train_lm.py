@@ -41,7 +41,8 @@ Evaluation ("answering from a textual scene", the ceiling of the image side)
 For each question of the world's val split, ``"<caption> Question: <q> Short answer:"`` (the caption
 of its image from captions_val.json) is fed to the saved model (loaded through LAVIS), greedy, at most
 3 new tokens, ``"\\n"`` ends the answer. The prediction is the generated text up to the first ``"\\n"``
-or ``"."``, stripped. Accuracy per question type (color, shape, count, yesno), overall, overall without
+or ``"."``, stripped, and scored as the image side's answers are (``vqa_scores``: LAVIS's answer
+normalisation). Accuracy per question type (color, shape, count, yesno), overall, overall without
 yes/no, the share of predictions inside their type's answer set (``on_type``), and the same with the
 caption as a context segment before the bos (``context``: ``"<caption></s>Question: <q> Short answer:"``,
 the layout the image side produces, its soft prompt standing where the caption stands here).
@@ -57,7 +58,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lavis_pformer.synthetic.shapes_world import QUESTION_TYPES, SEGMENT_SEP
+from lavis_pformer.demo.vqa_scores import score_answers
+from lavis_pformer.synthetic.shapes_world import SEGMENT_SEP
 from lavis_pformer.text import QA_PROMPT
 
 Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (pipeline SCALES["cpu"]["num_query_token"])
@@ -330,28 +332,6 @@ def answer_questions(model, tokenizer, prompts, batch_size=128, max_new_tokens=3
     return answers
 
 
-def score(items, predictions, answer_sets=None):
-    """Accuracy per question type, overall and overall without yes/no; ``on_type`` shares if given sets."""
-    out = {"per_type": {}, "questions": len(items)}
-    hits = {t: [] for t in QUESTION_TYPES}
-    on = {t: [] for t in QUESTION_TYPES}
-    for item, pred in zip(items, predictions):
-        t = item["question_type"]
-        hits.setdefault(t, []).append(pred == item["answer"])
-        if answer_sets:
-            on.setdefault(t, []).append(pred in answer_sets.get(t, ()))
-    for t, h in hits.items():
-        if h:
-            out["per_type"][t] = {"accuracy": sum(h) / len(h), "questions": len(h)}
-            if answer_sets:
-                out["per_type"][t]["on_type"] = sum(on[t]) / len(on[t])
-    all_hits = [x for h in hits.values() for x in h]
-    no_yn = [x for t, h in hits.items() if t != "yesno" for x in h]
-    out["overall"] = sum(all_hits) / len(all_hits) if all_hits else None
-    out["overall_excl_yesno"] = sum(no_yn) / len(no_yn) if no_yn else None
-    return out
-
-
 def evaluate_text_ceiling(out_dir, world_dir, split="val"):
     """Load the saved LM through LAVIS and answer ``split``'s questions from the caption text, with the caption
     in the question's segment and (``context``) as a context segment before the bos."""
@@ -362,15 +342,20 @@ def evaluate_text_ceiling(out_dir, world_dir, split="val"):
     tokenizer = AutoTokenizer.from_pretrained(out_dir, use_fast=False)
     model = OPTForCausalLM.from_pretrained(out_dir).eval()
     items = _load_split(world_dir, split)
-    answer_sets = None
+    answer_sets = {}
     world_path = os.path.join(world_dir, "world.json")
     if os.path.exists(world_path):
         with open(world_path, encoding="utf-8") as f:
-            answer_sets = {t: set(a) for t, a in json.load(f).get("answers", {}).items()}
-    result = score(items, answer_questions(model, tokenizer, [it["prompt"] for it in items]), answer_sets)
+            answer_sets = json.load(f).get("answers", {})
+
+    def score(prompt_key):
+        predictions = answer_questions(model, tokenizer, [it[prompt_key] for it in items])
+        return score_answers([(it["question_type"], p, it["answer"]) for it, p in zip(items, predictions)],
+                             answer_sets)
+
+    result = score("prompt")
     result["split"] = split
-    result["context"] = score(items, answer_questions(model, tokenizer, [it["context_prompt"] for it in items]),
-                              answer_sets)
+    result["context"] = score("context_prompt")
     return result
 
 
