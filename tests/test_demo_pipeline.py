@@ -175,7 +175,7 @@ def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
     """The grid's plan (which runs happen, with which weights and inputs), read from the configs it writes."""
     import yaml
 
-    from lavis_pformer.demo import pipeline
+    from lavis_pformer.demo import pipeline, run_configs
 
     def fake_prepare(out, seed, scale, times, shared=None, rebuild=False):
         out = str(out)
@@ -188,8 +188,8 @@ def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
 
     ran, cells_seen = [], {}
     monkeypatch.setattr(pipeline, "prepare", fake_prepare)
-    monkeypatch.setattr(pipeline, "subset", lambda src, dst, n: dst)
-    monkeypatch.setattr(pipeline, "repeated_pairs", lambda world, data, repeat: "pairs.json")
+    monkeypatch.setattr(run_configs, "subset", lambda src, dst, n: dst)
+    monkeypatch.setattr(run_configs, "repeated_pairs", lambda world, data, repeat: "pairs.json")
     monkeypatch.setattr(pipeline, "run_jobs", lambda jobs, parallel, threads: ran.extend(jobs) or {})
     monkeypatch.setattr(report, "chain_metrics", lambda ctx, chain: {"vqa_acc": chain["w1"] + chain["w2"]})
     monkeypatch.setattr(report, "write_ablation_report",

@@ -18,6 +18,7 @@ import re
 
 import torch
 
+from lavis_pformer.demo.run_configs import run_dir
 from lavis_pformer.demo.vqa_scores import HEADLINE_TYPES, vqa_type_metrics
 from lavis_pformer.synthetic.shapes_world import QUESTION_TYPES
 
@@ -74,8 +75,6 @@ def caption_metrics(predictions, references):
 
 def chain_metrics(ctx, chain):
     """VQA (val and test) and caption (test) metrics of one chain's runs (``chain["runs"]``: run names)."""
-    from lavis_pformer.demo.pipeline import run_dir
-
     world = ctx["world"]
     answer_sets = _load(os.path.join(world, "world.json"))["answers"]
     out = {"w1": chain["w1"], "w2": chain["w2"]}
