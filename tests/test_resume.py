@@ -62,21 +62,31 @@ def finish(proc, timeout=300):
     return log
 
 
-def kill_mid_epoch(proc, output_dir, epoch=1, after_iters=2, timeout=300):
-    """SIGKILL once checkpoint_<epoch-1>.pth exists and iteration ``after_iters`` of ``epoch`` has logged."""
+def kill_when(proc, ready, timeout=300, poll=0.02):
+    """SIGKILL the run as soon as ``ready()`` is true (checked every ``poll`` seconds); fail if it ends first."""
     deadline = time.monotonic() + timeout
-    pattern = re.compile(rf"epoch {epoch} iter (\d+)/")
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n{open(proc.log).read()[-4000:]}")
-        logged = [int(i) for i in pattern.findall(open(proc.log).read())]
-        if glob.glob(os.path.join(output_dir, "*", f"checkpoint_{epoch - 1}.pth")) and logged and max(logged) >= after_iters:
+        if ready():
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             return
-        time.sleep(0.02)
+        time.sleep(poll)
     proc.kill()
     pytest.fail("the run did not reach the kill point in time")
+
+
+def kill_mid_epoch(proc, output_dir, epoch=1, after_iters=2, timeout=300):
+    """SIGKILL once checkpoint_<epoch-1>.pth exists and iteration ``after_iters`` of ``epoch`` has logged."""
+    pattern = re.compile(rf"epoch {epoch} iter (\d+)/")
+
+    def ready():
+        logged = [int(i) for i in pattern.findall(open(proc.log).read())]
+        return bool(glob.glob(os.path.join(output_dir, "*", f"checkpoint_{epoch - 1}.pth")) and logged
+                    and max(logged) >= after_iters)
+
+    kill_when(proc, ready, timeout)
 
 
 def train_stats(run_dir):
