@@ -190,13 +190,26 @@ def _chance(world_json, key="chance"):
     return out
 
 
-def plot_losses(curves, path, title):
-    """One panel per stage, one line per arm. ``curves``: {arm: {stage: [(step, loss)]}}."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(curves, path, title):
+    """One panel per stage, one line per arm. ``curves``: {arm: {stage: [(step, loss)]}}."""
+    plt = _pyplot()
     stages = sorted({s for c in curves.values() for s in c})
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.5 * max(1, len(stages)), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -209,19 +222,12 @@ def plot_losses(curves, path, title):
         ax.set_ylabel("total training loss")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_bars(groups, path, title, errors=None, reference=None):
     """Grouped bars: ``groups`` {metric: {arm: value}}, optional ``errors`` alike, ``reference`` {label: y}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metrics = list(groups)
     arms = list(dict.fromkeys(a for g in groups.values() for a in g))
     width = 0.8 / max(1, len(arms))
@@ -239,10 +245,7 @@ def plot_bars(groups, path, title, errors=None, reference=None):
     ax.set_xticklabels(metrics, fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def text_ceiling(manifest):
