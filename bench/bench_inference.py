@@ -36,7 +36,7 @@ import reporting as R  # noqa: E402
 
 import torch  # noqa: E402
 
-from lavis_pformer.models.pformer_pretrain import QA_PROMPT  # noqa: E402
+from lavis_pformer.text import QA_PROMPT  # noqa: E402
 
 SCRIPT = "bench_inference"
 QUESTION = "what color is the circle?"

@@ -3,6 +3,10 @@ import random
 
 import torch
 
+# The zero-shot VQA prompt of the paper's evaluation; stage 0's optional text-only QA term and the shapes world's
+# question-answer texts use it too.
+QA_PROMPT = "Question: {} Short answer:"
+
 # How many more words than n // 2 the prefix may have: the reference implementation cuts after 1 .. 1 + n // 2
 # words in stage 0 and after 1 .. n // 2 words in stage 2 (n = number of words of the caption).
 PREFIX_EXTRA_WORDS = {"stage0": 1, "stage2": 0}

@@ -14,6 +14,8 @@ import string
 
 import torch
 
+from lavis_pformer.synthetic.shapes_world import generate
+
 # Words the tiny tokenizers know as whole tokens; anything else is split into characters.
 WORDS = (
     "a an the of and or in on at to with is are was there this that it its what which how many "
@@ -63,7 +65,8 @@ def build_bert(out_dir, seed=0, **sizes):
     return out_dir
 
 
-def build_opt(out_dir, seed=0, vocab_size=400):
+def build_opt(out_dir, seed=0, vocab_size=400, **sizes):
+    """Tiny OPT (byte-level BPE on ``WORDS``); ``sizes`` override ``SIZES["opt"]`` (any ``OPTConfig`` key)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM
 
@@ -82,15 +85,18 @@ def build_opt(out_dir, seed=0, vocab_size=400):
     tokenizer.save_pretrained(out_dir)
     assert len(tokenizer("\n", add_special_tokens=False).input_ids) == 1, "'\\n' must be one token"
     torch.manual_seed(seed)
+    sizes = {**SIZES["opt"], **sizes}
     config = OPTConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=128, word_embed_proj_dim=SIZES["opt"]["hidden_size"],
-        pad_token_id=1, bos_token_id=2, eos_token_id=2, do_layer_norm_before=True, **SIZES["opt"],
+        vocab_size=len(tokenizer), max_position_embeddings=128, word_embed_proj_dim=sizes["hidden_size"],
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, do_layer_norm_before=True, **sizes,
     )
     OPTForCausalLM(config).save_pretrained(out_dir)
     return out_dir
 
 
-def build_t5(out_dir, seed=0, vocab_size=200):
+def build_t5(out_dir, seed=0, vocab_size=200, **sizes):
+    """Tiny Flan-T5-like model (sentencepiece on ``WORDS``); ``sizes`` override ``SIZES["t5"]`` (any ``T5Config``
+    key)."""
     import sentencepiece as spm
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
@@ -107,7 +113,7 @@ def build_t5(out_dir, seed=0, vocab_size=200):
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, **SIZES["t5"],
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, **{**SIZES["t5"], **sizes},
     )
     T5ForConditionalGeneration(config).save_pretrained(out_dir)
     return out_dir
@@ -126,35 +132,37 @@ def _save_fast_t5_tokenizer(out_dir):
         T5TokenizerFast.from_pretrained(out_dir).save_pretrained(out_dir)
 
 
-def build_vit(path, seed=0, image_size=32):
-    """Weights of a tiny ``custom_vit`` (``vit_config`` in ``SIZES["vit"]``), so every stage sees the same ViT."""
+def build_vit(path, seed=0, image_size=32, **sizes):
+    """Weights of a tiny ``custom_vit`` (its ``vit_config``: ``SIZES["vit"]`` updated with ``sizes``), so every stage
+    sees the same ViT."""
     from lavis_pformer.backbones import custom_vit
 
     torch.manual_seed(seed)
-    vit = custom_vit(image_size, SIZES["vit"])
+    vit = custom_vit(image_size, {**SIZES["vit"], **sizes})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(vit.state_dict(), path)
     return path
 
 
-def build_all(root, seed=0):
+def build_all(root, seed=0, sizes=None):
     """Build ``root/backbones/{bert,opt,t5,vit.pth}`` and a small shapes world in ``root/world``.
 
-    Returns the paths: bert, opt, t5, vit, world (folder) and sentences (its stage-0 corpus).
+    ``sizes`` ({"bert"|"opt"|"t5"|"vit": {key: value}}) override parts of ``SIZES``; the sizes used are written
+    to ``root/backbones/sizes.json``. Returns the paths: bert, opt, t5, vit, world (folder) and sentences (its
+    stage-0 corpus).
     """
-    from lavis_pformer.demo.shapes_world import generate
-
+    sizes = {name: {**default, **(sizes or {}).get(name, {})} for name, default in SIZES.items()}
     world = generate(os.path.join(root, "world"), seed=seed, n_train=64, n_val=16, n_test=16, n_corpus=512, n_vision=0)
     paths = {
-        "bert": build_bert(os.path.join(root, "backbones", "bert"), seed),
-        "opt": build_opt(os.path.join(root, "backbones", "opt"), seed),
-        "t5": build_t5(os.path.join(root, "backbones", "t5"), seed),
-        "vit": build_vit(os.path.join(root, "backbones", "vit.pth"), seed),
+        "bert": build_bert(os.path.join(root, "backbones", "bert"), seed, **sizes["bert"]),
+        "opt": build_opt(os.path.join(root, "backbones", "opt"), seed, **sizes["opt"]),
+        "t5": build_t5(os.path.join(root, "backbones", "t5"), seed, **sizes["t5"]),
+        "vit": build_vit(os.path.join(root, "backbones", "vit.pth"), seed, **sizes["vit"]),
         "world": world["root"],
         "sentences": world["sentences"],
     }
     with open(os.path.join(root, "backbones", "sizes.json"), "w") as f:
-        json.dump(SIZES, f, indent=1)
+        json.dump(sizes, f, indent=1)
     return paths
 
 

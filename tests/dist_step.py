@@ -45,9 +45,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from lavis_pformer.tiny import SIZES  # noqa: E402
+
 B = 4  # samples per rank; the global batch is 2 * B
 Q = 4
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 
 
 def _world():

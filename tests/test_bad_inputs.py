@@ -10,14 +10,21 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 import yaml
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import build_model, run_script, tiny_stage0_overrides
-from runner_helpers import build_runner, make_teacher, stage0_config, stage2_config
+from lavis_pformer.tiny import SIZES
+
+from helpers import (
+    build_model,
+    build_runner,
+    make_teacher,
+    run_script,
+    stage0_config,
+    stage2_config,
+    tiny_stage0_overrides,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Text edge cases through the models of stages 0, 1 and 2.
@@ -32,18 +39,8 @@ TEXTS = {
 }
 STAGE0 = ("pformer_opt", "pformer_t5")
 IMAGE_MODELS = ("blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer")
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    """LAVIS's Blip2Qformer.forward calls dist.get_rank(): a 1-rank gloo group, as train.py starts."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
+VIT = SIZES["vit"]
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +98,11 @@ def test_edge_case_captions_give_finite_losses_and_gradients(models, name):
 def test_long_captions_are_cut_at_max_txt_len(models):
     stage0 = models["pformer_opt"]
     assert stage0.tokenize([LONG_WORDS, "x" * 10_000]).input_ids.shape[1] == stage0.max_txt_len
-    embeds, _, _ = stage0.opt_inputs(torch.zeros(1, 4, 48), [LONG_WORDS + "\n"])
+    width = SIZES["opt"]["hidden_size"]
+    embeds, _, _ = stage0.opt_inputs(torch.zeros(1, 4, width), [LONG_WORDS + "\n"])
     assert embeds.shape[1] == 4 + stage0.max_txt_len
     stage2 = models["blip2_opt_pformer"]
-    assert stage2.teacher_prompt([LONG_WORDS, TEXTS["non_ascii_emoji"]]).shape == (2, 4, 48)
+    assert stage2.teacher_prompt([LONG_WORDS, TEXTS["non_ascii_emoji"]]).shape == (2, 4, width)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -436,7 +434,8 @@ BAD_RUNS = {
         t, _truncated_copy(te["opt"], d / "half.pth"), "out"), lambda d: [],
         ["(checkpoint)", "half.pth", "cannot be read", "model.pformer_checkpoint"]),
     "pformer_checkpoint_other_llm": ("train", lambda t, te, s1, d: stage2_config(t, te["t5"], "out"), lambda d: [],
-                                     ["llm_hidden_size: the checkpoint has 40, the model expects 48",
+                                     [f"llm_hidden_size: the checkpoint has {SIZES['t5']['d_model']}, the model expects "
+                                      f"{SIZES['opt']['hidden_size']}",
                                       "Train a P-Former for this LLM"]),
     "stage1_of_another_cross_attention_freq": (
         "train", lambda t, te, s1, d: _model(stage2_config(t, te["opt"], "out"), load_pretrained=True,

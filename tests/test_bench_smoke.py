@@ -3,19 +3,16 @@ results directory. Checks the files and keys and that the measured numbers are p
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+from helpers import REPO, import_script
 
-import bench_annotations_memory  # noqa: E402
-import bench_inference  # noqa: E402
-import bench_stage0_throughput  # noqa: E402
-import bench_train_step  # noqa: E402
-import bench_vq  # noqa: E402
+bench_annotations_memory, bench_inference, bench_stage0_throughput, bench_train_step, bench_vq = (
+    import_script(os.path.join(REPO, "bench", f"{name}.py"))
+    for name in ("bench_annotations_memory", "bench_inference", "bench_stage0_throughput", "bench_train_step",
+                 "bench_vq"))
 
 MACHINE_KEYS = {"cpu", "cpu_cores", "torch_threads", "torch", "date", "device", "gpu"}
 

@@ -1,4 +1,4 @@
-"""The demo's tiny-LM trainer (lavis_pformer.demo.train_lm) on a tiny shapes world, in seconds."""
+"""The demo's tiny-LM trainer (lavis_pformer.demo.train_lm and its lm_* modules) on a tiny shapes world, in seconds."""
 import json
 import os
 import random
@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from lavis_pformer.demo import shapes_world
-from lavis_pformer.demo import train_lm as T
+from lavis_pformer.demo import lm_data, lm_eval, lm_model
+from lavis_pformer.demo.train_lm import train_lm
+from lavis_pformer.synthetic import shapes_world
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def world(tmp_path_factory):
 def trained(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lm_out"))
     logs = []
-    report = T.train_lm(world, out, steps=30, layers=1, width=32, heads=4, ffn=64, batch_size=16, lr=3e-3,
+    report = train_lm(world, out, steps=30, layers=1, width=32, heads=4, ffn=64, batch_size=16, lr=3e-3,
                         max_offset=4, log_every=10, log=logs.append)
     return out, report, logs
 
@@ -83,7 +84,7 @@ def test_fast_forward_matches_opt(trained):
         valid[r, :n] = True
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=valid.long()).logits
-        fast = T.fast_logits(model, ids, valid=valid)
+        fast = lm_model.fast_logits(model, ids, valid=valid)
         assert torch.allclose(fast[valid], ref[valid], atol=1e-5)
         # offsets: OPT with its position table shifted up by k rows sees the text at positions k, k+1, ...
         k = 3
@@ -91,42 +92,42 @@ def test_fast_forward_matches_opt(trained):
         table = shifted.model.decoder.embed_positions.weight
         table.data[: table.shape[0] - k] = model.model.decoder.embed_positions.weight.data[k:]
         ref_k = shifted(input_ids=ids, attention_mask=valid.long()).logits
-        fast_k = T.fast_logits(model, ids, valid=valid, offsets=torch.full((3,), k))
+        fast_k = lm_model.fast_logits(model, ids, valid=valid, offsets=torch.full((3,), k))
         assert torch.allclose(fast_k[valid], ref_k[valid], atol=1e-5)
         assert not torch.allclose(fast_k[valid], fast[valid], atol=1e-3)
         select = valid.clone()
         select[:, 0] = False
-        assert torch.allclose(T.fast_logits(model, ids, valid=valid, select=select), ref[select], atol=1e-5)
+        assert torch.allclose(lm_model.fast_logits(model, ids, valid=valid, select=select), ref[select], atol=1e-5)
 
 
 def test_answer_weights_and_batches(world, tmp_path):
     with open(os.path.join(world, "corpus.txt")) as f:
         lines = [line.rstrip("\n") for line in f][:40]
-    assert any(T.SEGMENT_SEP in line for line in lines) and any(T.SEGMENT_SEP not in line for line in lines)
-    segments = [seg for line in lines for seg in line.split(T.SEGMENT_SEP)]
-    tokenizer, bpe = T.build_tokenizer(segments, str(tmp_path))
-    ids, weights = T.encode_corpus(lines, bpe, tokenizer)
+    assert any(shapes_world.SEGMENT_SEP in line for line in lines) and any(shapes_world.SEGMENT_SEP not in line for line in lines)
+    segments = [seg for line in lines for seg in line.split(shapes_world.SEGMENT_SEP)]
+    tokenizer, bpe = lm_data.build_tokenizer(segments, str(tmp_path))
+    ids, weights = lm_data.encode_corpus(lines, bpe, tokenizer)
     newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
     for line, seq, w in zip(lines, ids, weights):
         # every segment starts with the bos, as LAVIS tokenizes the text after a soft prompt; "\n" ends the line
-        *context, text = line.split(T.SEGMENT_SEP)
+        *context, text = line.split(shapes_world.SEGMENT_SEP)
         expected = [t for c in context for t in tokenizer(c).input_ids] + tokenizer(text + "\n").input_ids
-        assert seq == expected == T.encode_segments(tokenizer, line + "\n") and len(w) == len(seq)
-        assert seq[-1] == newline and seq.count(T.BOS_ID) == len(context) + 1
-        weighted = tokenizer.decode([t for t, x in zip(seq, w) if x == T.ANSWER_WEIGHT]).split()
-        answers = [m.group(1).strip() for m in T._ANSWER_RE.finditer(line)]
+        assert seq == expected == lm_data.encode_segments(tokenizer, line + "\n") and len(w) == len(seq)
+        assert seq[-1] == newline and seq.count(lm_data.BOS_ID) == len(context) + 1
+        weighted = tokenizer.decode([t for t, x in zip(seq, w) if x == lm_data.ANSWER_WEIGHT]).split()
+        answers = [m.group(1).strip() for m in lm_data._ANSWER_RE.finditer(line)]
         assert weighted == answers
-    inp, tgt, wgt, valid, offsets = next(T.batches(ids, weights, 8, 3, random.Random(0)))
+    inp, tgt, wgt, valid, offsets = next(lm_data.batches(ids, weights, 8, 3, random.Random(0)))
     assert inp.shape == tgt.shape == wgt.shape == valid.shape and inp.shape[0] == 8 and offsets.shape == (8,)
     assert ((offsets >= 0) & (offsets <= 3)).all()
     for r in range(8):
         n = int(valid[r].sum())
         assert valid[r, :n].all() and not valid[r, n:].any()  # right padding only
-        assert inp[r, 0] == T.BOS_ID and (wgt[r, :n] > 0).all() and (wgt[r, n:] == 0).all()
+        assert inp[r, 0] == lm_data.BOS_ID and (wgt[r, :n] > 0).all() and (wgt[r, n:] == 0).all()
         assert (tgt[r, : n - 1] == inp[r, 1:n]).all()
 
 
 def test_clean_answer():
-    assert T.clean_answer(" green.\nQuestion") == "green"
-    assert T.clean_answer(" 3\n") == "3"
-    assert T.clean_answer(" red. Question:") == "red"
+    assert lm_eval.clean_answer(" green.\nQuestion") == "green"
+    assert lm_eval.clean_answer(" 3\n") == "3"
+    assert lm_eval.clean_answer(" red. Question:") == "red"

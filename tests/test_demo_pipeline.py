@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from lavis_pformer.demo import report
+from lavis_pformer.demo import report, vqa_scores
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 
 ANSWER_SETS = {"color": ["red", "green", "blue"], "shape": ["circle", "square", "triangle"],
                "count": ["1", "2", "3"], "yesno": ["yes", "no"]}
@@ -41,7 +42,7 @@ def test_metric_helpers_on_a_hand_made_prediction_file(tmp_path):
     ]
     path = tmp_path / "pred.json"
     path.write_text(json.dumps(predictions))
-    m = report.vqa_type_metrics(json.loads(path.read_text()), items, ANSWER_SETS)
+    m = vqa_scores.vqa_type_metrics(json.loads(path.read_text()), items, ANSWER_SETS)
     color, shape, count, yesno = (m["per_type"][t] for t in ("color", "shape", "count", "yesno"))
     assert color["accuracy"] == pytest.approx(2 / 4)
     assert color["on_type"] == pytest.approx(3 / 4)
@@ -59,7 +60,7 @@ def test_metric_helpers_on_a_hand_made_prediction_file(tmp_path):
 
 def test_restricted_accuracy_is_none_without_on_type_answers():
     items = [{"question_id": 1, "answer": ["red"], "question_type": "color"}]
-    m = report.vqa_type_metrics([{"question_id": 1, "answer": "circle"}], items, ANSWER_SETS)
+    m = vqa_scores.vqa_type_metrics([{"question_id": 1, "answer": "circle"}], items, ANSWER_SETS)
     assert m["per_type"]["color"] == {"accuracy": 0.0, "restricted_accuracy": None, "on_type": 0.0, "questions": 1}
 
 
@@ -174,7 +175,7 @@ def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
     """The grid's plan (which runs happen, with which weights and inputs), read from the configs it writes."""
     import yaml
 
-    from lavis_pformer.demo import pipeline
+    from lavis_pformer.demo import pipeline, run_configs
 
     def fake_prepare(out, seed, scale, times, shared=None, rebuild=False):
         out = str(out)
@@ -187,8 +188,8 @@ def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
 
     ran, cells_seen = [], {}
     monkeypatch.setattr(pipeline, "prepare", fake_prepare)
-    monkeypatch.setattr(pipeline, "subset", lambda src, dst, n: dst)
-    monkeypatch.setattr(pipeline, "repeated_pairs", lambda world, data, repeat: "pairs.json")
+    monkeypatch.setattr(run_configs, "subset", lambda src, dst, n: dst)
+    monkeypatch.setattr(run_configs, "repeated_pairs", lambda world, data, repeat: "pairs.json")
     monkeypatch.setattr(pipeline, "run_jobs", lambda jobs, parallel, threads: ran.extend(jobs) or {})
     monkeypatch.setattr(report, "chain_metrics", lambda ctx, chain: {"vqa_acc": chain["w1"] + chain["w2"]})
     monkeypatch.setattr(report, "write_ablation_report",

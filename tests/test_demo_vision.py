@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lavis_pformer.backbones import custom_vit
-from lavis_pformer.demo import shapes_world
+from lavis_pformer.synthetic import shapes_world
 from lavis_pformer.demo import vision_pretrain as V
 
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}

@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import REPO, _free_port
+from helpers import REPO, free_port, make_teacher
 
 SAME = 1e-5  # relative difference of float32 results computed in a different order
 
@@ -28,18 +27,13 @@ def _flat(grads):
 
 @pytest.fixture(scope="module")
 def teacher(tiny, tmp_path_factory):
-    from lavis_pformer.pformer import PFormer
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("teacher") / "pformer.pth")
-    PFormer.from_bert(tiny["bert"], 4, 48, tiny["opt"], embed_dim=16).save(path)  # tiny OPT width 48
-    return path
+    return make_teacher(tiny, tmp_path_factory.mktemp("teacher") / "pformer.pth")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny, teacher, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist") / "two_ranks.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "tests", "dist_step.py"), "--bert", tiny["bert"], "--opt", tiny["opt"],
            "--world", tiny["world"], "--sentences", tiny["sentences"], "--pformer", teacher, "--out", out]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
@@ -49,21 +43,16 @@ def two_ranks(tiny, teacher, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny, teacher):
+def one_process(tiny, teacher, process_group):
     """The same step in this process, on a 1-rank gloo group as train.py starts without torchrun."""
     import dist_step
 
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield dist_step.run_cases(tiny, teacher)
     finally:
         torch.set_num_threads(threads)
-        if created:
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

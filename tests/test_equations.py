@@ -17,13 +17,13 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import build_model, tiny_stage0_overrides
 from lavis_pformer.losses import alignment_loss, two_view_contrastive_loss, vq_commitment_loss
-from runner_helpers import make_teacher
+from lavis_pformer.tiny import SIZES
+
+from helpers import build_model, make_teacher, tiny_stage0_overrides
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a dog"]
 Q = 4
@@ -182,22 +182,11 @@ def test_alignment_loss_matches_its_definition():
     assert alignment_loss(pred, target, 100.0).item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """LAVIS's Blip2Qformer.forward calls dist.get_rank(): a 1-rank gloo group, as train.py starts."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
 def image_model(tiny, arch, teacher, weight):
     from lavis.common.registry import registry
 
     cfg = dict(bert_model=tiny["bert"], vit_model="custom_vit", image_size=32, vit_precision="fp32",
-               vit_config=dict(patch_size=8, embed_dim=32, depth=1, num_heads=4), llm_precision="fp32",
+               vit_config=SIZES["vit"], llm_precision="fp32",
                num_query_token=Q, max_txt_len=24, load_pretrained=False, alignment_weight=weight,
                pformer_checkpoint=teacher)
     if arch == "blip2_opt_pformer":

@@ -31,16 +31,18 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, build_model
+from lavis_pformer.text import QA_PROMPT
+from lavis_pformer.tiny import SIZES
+
+from helpers import REPO, build_model
 
 HF_REQUIREMENTS = os.path.join(REPO, "tests", "hf_requirements.txt")
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 4.3637}
 NUM_QUERY = 4
 LLM_KEY = {"opt": "opt_model", "t5": "t5_model"}
-LLM_WIDTH = {"opt": 48, "t5": 40}
+LLM_WIDTH = {"opt": SIZES["opt"]["hidden_size"], "t5": SIZES["t5"]["d_model"]}  # the tiny LLMs
 QUESTIONS = ["what color is the circle?", "how many shapes are there?", "is there a red square?",
              "what is on the left?", "what shape is in the middle?"]
-VQA_PROMPT = "Question: {} Short answer:"
 CAPTION_PROMPTS = {"opt": ["", "a photo of", None], "t5": ["", "a photo of"]}  # None: no text at all
 MAX_NEW_TOKENS, VQA_MAX_LEN = 12, 10
 LOGIT_TOLERANCE = 1e-4
@@ -206,7 +208,7 @@ def lavis_reference(run, llm, pixels):
                                           min_length=1)[0].strip() for p in CAPTION_PROMPTS[llm]]
         batch = {"image": pixels.expand(len(QUESTIONS), -1, -1, -1)}
         out["answers"] = {str(beams): model.predict_answers(dict(batch, text_input=list(QUESTIONS)), num_beams=beams,
-                                                            max_len=VQA_MAX_LEN, min_len=1, prompt=VQA_PROMPT,
+                                                            max_len=VQA_MAX_LEN, min_len=1, prompt=QA_PROMPT,
                                                             length_penalty=-1)
                           for beams in (1, 5)}
     return model, out
@@ -259,7 +261,7 @@ def exported(tiny, hf_site, tmp_path_factory):
         "logits_text": "a red circle left of a blue square\n" if llm == "opt" else "a red circle",
         "logits_labels": None if llm == "opt" else "left of a blue square",
         "caption_prompts": CAPTION_PROMPTS[llm], "max_new_tokens": MAX_NEW_TOKENS, "questions": QUESTIONS,
-        "vqa_prompt": VQA_PROMPT, "vqa_beams": [1, 5], "vqa_max_len": VQA_MAX_LEN, "vqa_length_penalty": -1,
+        "vqa_prompt": QA_PROMPT, "vqa_beams": [1, 5], "vqa_max_len": VQA_MAX_LEN, "vqa_length_penalty": -1,
         "snippet_image": snippet_image,
     } for llm in runs}
     jobs["opt_bf16"] = dict(jobs["opt"], folder=folders["opt_bf16"], caption_prompts=[], vqa_beams=[], snippet_image=None)

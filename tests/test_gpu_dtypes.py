@@ -11,31 +11,21 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import lavis_pformer  # noqa: F401
 from lavis.common.registry import registry
 from lavis_pformer.precision import cpu_autocast
+from lavis_pformer.tiny import SIZES
 
-from conftest import only_run_dir, run_script
-from runner_helpers import make_teacher, stage2_config
+from helpers import make_teacher, only_run_dir, run_script, stage2_config
 
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 LLM_KEY = {"blip2_opt_pformer": "opt_model", "blip2_t5_pformer": "t5_model"}
 PROJ = {"blip2_qformer_pformer": "llm_proj", "blip2_opt_pformer": "opt_proj", "blip2_t5_pformer": "t5_proj"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

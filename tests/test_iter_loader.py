@@ -1,5 +1,4 @@
 """The runner's IterLoader: LAVIS's epoch change without its 2-s pause when the loader has no workers."""
-import pytest
 import torch
 from torch.utils.data import DataLoader
 

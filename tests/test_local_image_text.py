@@ -23,7 +23,7 @@ from lavis_pformer.datasets.local_image_text import (
     LocalCaptionEvalDataset,
     LocalVQAEvalDataset,
 )
-from lavis_pformer.demo.shapes_world import generate
+from lavis_pformer.synthetic.shapes_world import generate
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Shared losses: alignment MSE, chunked VQ commitment, two-view contrastive (1 process and 2 gloo ranks)."""
-import socket
 import time
 
 import pytest
@@ -10,6 +9,8 @@ import torch.nn.functional as F
 
 from lavis_pformer.losses import (alignment_loss, gather_with_grad, nearest_codebook_rows,
                                   two_view_contrastive_loss, vq_commitment_loss)
+
+from helpers import free_port
 
 
 def test_alignment_loss_value_and_grads():
@@ -149,16 +150,10 @@ def _worker(rank, port, out_dir, key_grad):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("key_grad", [False, True])
 def test_contrastive_two_ranks_equals_one_process_on_full_batch(tmp_path, key_grad):
     # fork: the children inherit the imported modules (spawn would re-import torch and LAVIS, ~10 s each)
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), key_grad), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(free_port(), str(tmp_path), key_grad), nprocs=WORLD, join=False,
                              start_method="fork")
     deadline = time.monotonic() + 60
     try:

@@ -18,8 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, _free_port, only_run_dir
-from runner_helpers import make_teacher, stage2_config
+from helpers import REPO, free_port, make_teacher, only_run_dir, stage2_config
 
 LAUNCH = os.path.join(REPO, "run_scripts", "pformer", "launch.sh")
 SBATCH = os.path.join(REPO, "run_scripts", "pformer", "slurm_example.sbatch")
@@ -104,9 +103,9 @@ def launched(tiny, tmp_path_factory):
     common = dict(TORCHRUN=TORCHRUN, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     nodes = dict(common, PATH=f"{STUBS}:{os.environ['PATH']}", STUB_LOG_DIR=str(work), STUB_HOSTNAMES="localhost",
                  SLURM_JOB_NODELIST="localhost", SLURM_NNODES="2", SLURM_JOB_ID="77", NPROC="1",
-                 RDZV_ENDPOINT=f"localhost:{_free_port()}")
+                 RDZV_ENDPOINT=f"localhost:{free_port()}")
     bash([SBATCH, LAUNCH, "train.py", str(cfg_path), f"run.output_dir={work / 'two_nodes'}"], nodes)
-    classic = dict(common, NPROC="2", MASTER_PORT=str(_free_port()))
+    classic = dict(common, NPROC="2", MASTER_PORT=str(free_port()))
     bash([LAUNCH, "train.py", str(cfg_path), f"run.output_dir={work / 'one_node'}"], classic)
     logs = [open(work / f"node{i}.err").read() for i in (0, 1)]
     return {"two_nodes": only_run_dir(work / "two_nodes"), "one_node": only_run_dir(work / "one_node"), "logs": logs}

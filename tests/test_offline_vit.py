@@ -21,6 +21,7 @@ from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError
 
 SMALL = {"eva_clip_g": dict(embed_dim=32, depth=1, num_heads=4), "clip_L": dict(width=32, layers=1, heads=4)}
 IMAGE = 28  # patch 14: 2 x 2 patches
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 
 
 class NetworkAttempt(AssertionError):
@@ -49,18 +50,6 @@ def small_lavis_vits(monkeypatch):
         small = type(f"Small{cls.__name__}", (cls,), {
             "__init__": lambda self, *a, _cls=cls, _size=SMALL[name], **k: _cls.__init__(self, *a, **{**k, **_size})})
         monkeypatch.setattr(module, "VisionTransformer", small)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def save_small_vit(name, path, seed=3):

@@ -7,9 +7,11 @@ import os
 import pytest
 
 import lavis_pformer  # noqa: F401
-from conftest import REPO
 from lavis.common.config import Config
 from lavis.common.registry import registry
+from lavis_pformer.text import QA_PROMPT
+
+from helpers import REPO
 
 TRAIN = os.path.join(REPO, "projects", "pformer", "train")
 
@@ -56,7 +58,7 @@ def test_eval_configs_point_at_lavis_tasks_and_builders(path):
     assert cfg.run_cfg.evaluate is True and cfg.run_cfg.num_beams == 5
     assert cfg.model_cfg.arch in ("blip2_opt_pformer", "blip2_t5_pformer") and cfg.model_cfg.load_finetuned
     if task != "captioning_pformer":
-        assert cfg.run_cfg.prompt == "Question: {} Short answer:" and cfg.run_cfg.max_len == 10
+        assert cfg.run_cfg.prompt == QA_PROMPT and cfg.run_cfg.max_len == 10
         assert cfg.run_cfg.inference_method == "generate"
     assert cfg.model_cfg.get("apply_lemmatizer", False) == ("okvqa" in path)
 

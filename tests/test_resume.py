@@ -24,10 +24,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, only_run_dir, run_script
-from runner_helpers import build_runner, make_teacher, own_process_group, stage0_config, stage2_config
+from helpers import REPO, build_runner, make_teacher, only_run_dir, run_script, stage0_config, stage2_config
 
 EPOCHS = 3
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +62,31 @@ def finish(proc, timeout=300):
     return log
 
 
-def kill_mid_epoch(proc, output_dir, epoch=1, after_iters=2, timeout=300):
-    """SIGKILL once checkpoint_<epoch-1>.pth exists and iteration ``after_iters`` of ``epoch`` has logged."""
+def kill_when(proc, ready, timeout=300, poll=0.02):
+    """SIGKILL the run as soon as ``ready()`` is true (checked every ``poll`` seconds); fail if it ends first."""
     deadline = time.monotonic() + timeout
-    pattern = re.compile(rf"epoch {epoch} iter (\d+)/")
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n{open(proc.log).read()[-4000:]}")
-        logged = [int(i) for i in pattern.findall(open(proc.log).read())]
-        if glob.glob(os.path.join(output_dir, "*", f"checkpoint_{epoch - 1}.pth")) and logged and max(logged) >= after_iters:
+        if ready():
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             return
-        time.sleep(0.02)
+        time.sleep(poll)
     proc.kill()
     pytest.fail("the run did not reach the kill point in time")
+
+
+def kill_mid_epoch(proc, output_dir, epoch=1, after_iters=2, timeout=300):
+    """SIGKILL once checkpoint_<epoch-1>.pth exists and iteration ``after_iters`` of ``epoch`` has logged."""
+    pattern = re.compile(rf"epoch {epoch} iter (\d+)/")
+
+    def ready():
+        logged = [int(i) for i in pattern.findall(open(proc.log).read())]
+        return bool(glob.glob(os.path.join(output_dir, "*", f"checkpoint_{epoch - 1}.pth")) and logged
+                    and max(logged) >= after_iters)
+
+    kill_when(proc, ready, timeout)
 
 
 def train_stats(run_dir):
@@ -193,11 +203,6 @@ def test_resume_on_two_gloo_ranks_is_bit_exact(tiny, teacher, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # In-process runner: atomic saves and resume errors.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    yield from own_process_group()
 
 
 @pytest.fixture

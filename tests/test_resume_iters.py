@@ -12,8 +12,6 @@
 import glob
 import re
 import os
-import signal
-import time
 import types
 
 import pytest
@@ -25,9 +23,8 @@ import lavis_pformer.runner_iter as runner_iter
 from lavis_pformer.errors import ConfigError
 from lavis_pformer.runner_iter import ResumableIterLoader, ResumableSampler, RunnerIterPFormer
 
-from conftest import only_run_dir, run_script
-from runner_helpers import make_teacher, stage0_config, stage2_config
-from test_resume import finish, launch, load, train_stats, weights
+from helpers import make_teacher, only_run_dir, run_script, stage0_config, stage2_config
+from test_resume import finish, kill_when, launch, load, train_stats, weights
 
 MAX_ITERS, PER_INNER = 48, 8
 
@@ -101,17 +98,7 @@ def teacher(tiny, tmp_path_factory):
 def kill_after_checkpoint(proc, output_dir, iters, timeout=300):
     """SIGKILL as soon as checkpoint_<iters>.pth exists (the run is then a few iterations into the next inner
     epoch, inside data epoch 0)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed")
-        if glob.glob(os.path.join(output_dir, "*", f"checkpoint_{iters}.pth")):
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail("the run did not reach the kill point in time")
+    kill_when(proc, lambda: glob.glob(os.path.join(output_dir, "*", f"checkpoint_{iters}.pth")), timeout, poll=0.005)
 
 
 @pytest.fixture(scope="module")

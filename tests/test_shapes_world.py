@@ -1,4 +1,4 @@
-"""Tests of the synthetic shapes world (lavis_pformer.demo.shapes_world)."""
+"""Tests of the synthetic shapes world (lavis_pformer.synthetic.shapes_world)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavis_pformer.demo import shapes_world as sw
+from lavis_pformer.synthetic import shapes_world as sw
 
 SMALL = dict(n_train=20, n_val=8, n_test=8, n_corpus=200, n_vision=12)
 OBJ = re.compile(r"(?:a|an) (\w+) (\w+) at the (top left|top right|bottom left|bottom right)")

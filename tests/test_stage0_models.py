@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from conftest import build_model, tiny_stage0_overrides
 from lavis_pformer.pformer import PFormer
+
+from helpers import build_model, tiny_stage0_overrides
 
 SENTENCES = [
     "a red circle on the left and a blue square at the top.",

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import lavis_pformer  # noqa: F401  (registers models, tasks, runner)
@@ -19,25 +18,18 @@ from lavis_pformer.backbones import BackboneMixin
 from lavis_pformer.models.alignment import AlignmentSetupError, capture_first_output
 from lavis_pformer.models.blip2_t5_pformer import Blip2T5PFormer
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
+from lavis_pformer.text import QA_PROMPT
+from lavis_pformer.tiny import SIZES
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 Q = 4
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 STAGE1, OPT, T5 = "blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer"
 LLM_ATTR = {OPT: "opt_model", T5: "t5_model"}
 PROJ = {STAGE1: "llm_proj", OPT: "opt_proj", T5: "t5_proj"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """LAVIS's Blip2Qformer.forward calls dist.get_rank(): a 1-rank gloo group, as train.py starts."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def model_cfg(tiny, name, **overrides):
@@ -332,7 +324,7 @@ QUESTIONS = ["what color is the circle?", "how many shapes are there in the pict
 def test_predict_answers_one_string_per_question(models, name):
     model = models[name].eval()
     samples = {"image": batch(3)["image"], "text_input": QUESTIONS}
-    answers = model.predict_answers(samples, num_beams=2, max_len=5, prompt="Question: {} Short answer:")
+    answers = model.predict_answers(samples, num_beams=2, max_len=5, prompt=QA_PROMPT)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="generate"):
         model.predict_answers(samples, inference_method="rank")
@@ -341,7 +333,7 @@ def test_predict_answers_one_string_per_question(models, name):
 def test_opt_predict_answers_left_padding_matches_single_questions(models):
     model = models[OPT].eval()
     image = batch(3)["image"]
-    kwargs = dict(num_beams=1, max_len=5, prompt="Question: {} Short answer:")
+    kwargs = dict(num_beams=1, max_len=5, prompt=QA_PROMPT)
     together = model.predict_answers({"image": image, "text_input": QUESTIONS}, **kwargs)
     alone = [model.predict_answers({"image": image[i:i + 1], "text_input": [q]}, **kwargs)[0]
              for i, q in enumerate(QUESTIONS)]
@@ -356,7 +348,7 @@ def test_long_question_prompt_is_never_truncated(models, monkeypatch, name):
     llm = llm_of(model)
     tokenizer = model.opt_tokenizer if name == OPT else model.t5_tokenizer
     question = "is the small red circle that is left of the big blue square and above the green triangle " * 3
-    prompt = "Question: {} Short answer:"
+    prompt = QA_PROMPT
     full = tokenizer(prompt.format(question.strip()), add_special_tokens=False).input_ids
     assert len(full) > 2 * model.max_txt_len
     seen = {}

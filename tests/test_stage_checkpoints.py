@@ -10,19 +10,14 @@ from omegaconf import OmegaConf
 import lavis_pformer  # noqa: F401
 from lavis.common.registry import registry
 from lavis_pformer.errors import CheckpointError, MissingFileError
-from runner_helpers import TINY_T5_WIDTH, build_runner, make_teacher
+from lavis_pformer.tiny import SIZES
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, TINY_T5_WIDTH, build_runner, make_teacher, run_section, tiny_workdir
+
 STAGE1, OPT, T5 = "blip2_qformer_pformer", "blip2_opt_pformer", "blip2_t5_pformer"
-VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=4)
+VIT = SIZES["vit"]
 RECORD = "_extra_state"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    from runner_helpers import own_process_group
-
-    yield from own_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")  # a 1-rank gloo group (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +221,6 @@ def test_tiny_model_types_find_their_backbones_from_any_folder(tiny, elsewhere):
 
 def test_a_run_vit_config_replaces_the_model_types(tiny, tmp_path, monkeypatch):
     """The tiny type's vit_config.checkpoint does not leak into a run that sets its own vit_config."""
-    from conftest import tiny_workdir
-    from runner_helpers import run_section
-
     workdir = tiny_workdir(tiny, tmp_path)
     cfg = {"model": {"arch": STAGE1, "model_type": "tiny", "alignment_weight": 0, "vit_config": dict(VIT, depth=2)},
            "datasets": {"local_caption": {"build_info": {

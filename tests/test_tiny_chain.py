@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_script, tiny_workdir
+from helpers import run_script, tiny_workdir
 
 TINY = "projects/pformer/tiny"
 ONE_EPOCH = ["run.max_epoch=1"]

@@ -5,8 +5,9 @@ import shutil
 
 import torch
 
-from conftest import only_run_dir, run_script
 from lavis_pformer.pformer import PFormer
+
+from helpers import only_run_dir, run_script
 
 
 def stage0_config(tiny, llm="opt", output_dir="out", **run):

@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 
 import lavis_pformer  # noqa: F401  (registers models, builders, tasks, runner)
-from conftest import REPO, only_run_dir, run_script
 from lavis.common.config import Config
 from lavis.common.registry import registry
 from lavis_pformer.datasets.video_features import (
@@ -22,12 +21,15 @@ from lavis_pformer.datasets.video_features import (
     pad_clips,
     select_clips,
 )
-from lavis_pformer.demo.video_world import generate
+from lavis_pformer.synthetic.video_world import generate
+from lavis_pformer.tiny import SIZES
+
+from helpers import REPO, only_run_dir, run_script
 
 ARCH = "video_opt_pformer"
 BUILDER = "video_features_caption"
 Q, D, MAX_CLIPS = 4, 1024, 8
-OPT_WIDTH = 48  # tiny OPT (lavis_pformer.tiny.SIZES)
+OPT_WIDTH = SIZES["opt"]["hidden_size"]
 CAPTIONS = ["a red circle moves to the left", "the blue square slides up", "a green triangle goes down"]
 
 
@@ -115,7 +117,7 @@ def test_video_world_is_deterministic_and_in_vatex_layout(world, tmp_path):
 
 def test_video_world_features_carry_the_caption(tmp_path):
     """Without noise, a least-squares readout of the features recovers colour, shape and direction."""
-    from lavis_pformer.demo.video_world import STRUCTURE, projection
+    from lavis_pformer.synthetic.video_world import STRUCTURE, projection
 
     paths = generate(str(tmp_path / "w"), seed=3, n_train=30, n_val=0, n_test=0, feat_dim=64, noise=0.0)
     matrix = projection(3, 64)

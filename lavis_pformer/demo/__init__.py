@@ -1,1 +1,1 @@
-"""Self-contained demo material for lavis-pformer (a synthetic shapes world; nothing is downloaded)."""
+"""The miniature P-Former demo on the synthetic shapes world: frozen backbones, pipeline and report."""

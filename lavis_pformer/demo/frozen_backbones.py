@@ -64,7 +64,7 @@ def _files(folder):
 def build(out, recipe=RECIPE, work=None, threads=None, device="cpu", log=print):
     """Build the world (under ``work``), the LM, the ViT and the BERT into ``out``; returns the manifest."""
     from lavis_pformer import tiny
-    from lavis_pformer.demo.shapes_world import generate
+    from lavis_pformer.synthetic.shapes_world import generate
     from lavis_pformer.demo.train_lm import train_lm
     from lavis_pformer.demo.vision_pretrain import pretrain_vit
 

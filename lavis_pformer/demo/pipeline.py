@@ -4,31 +4,29 @@
         [--scale cpu|gpu|smoke] [--rebuild-backbones] [--jobs 2]
     python -m lavis_pformer.demo.pipeline --ablation --seeds 0,1,2 [--out output/ablation] [--scale ...]
 
-Steps: the shapes world (``shapes_world``); the frozen LM, ViT and starting BERT (``frozen_backbones``: the
-committed ones at scale ``cpu``, checked against their sha256; built under ``<out>/backbones`` otherwise);
-then every stage of every arm through ``train.py`` / ``evaluate.py`` subprocesses, ``--jobs`` at a time with
-``--threads`` torch threads each, in the order their dependencies allow; then the report (``report.py``).
-The arms, the settings and how they were chosen: docs/demo.md.
+Steps: the shapes world (``lavis_pformer.synthetic.shapes_world``); the frozen LM, ViT and starting BERT
+(``frozen_backbones``: the committed ones at scale ``cpu``, checked against their sha256; built under
+``<out>/backbones`` otherwise); then every stage of every arm through ``train.py`` / ``evaluate.py`` subprocesses
+(configs: ``run_configs``), ``--jobs`` at a time with ``--threads`` torch threads each, in the order their
+dependencies allow (``scheduler``); then the report (``report``). The arms, the settings and how they were chosen:
+docs/demo.md.
 """
 import argparse
 import copy
-import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import yaml
 
 from lavis_pformer.demo import frozen_backbones
+from lavis_pformer.demo.run_configs import caption_cfg, stage0_cfg, stage1_cfg, stage2_cfg, vqa_cfg
+from lavis_pformer.demo.scheduler import Job, log, run_jobs
+from lavis_pformer.synthetic.shapes_world import generate
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARMS = ("baseline", "pformer", "pformer_qa")
-VQA_PROMPT = "Question: {} Short answer:"
 W1, W2 = 10, 100  # the paper's alignment weights (stage 1, stage 2)
 GRID = ((0, 0), (10, 0), (0, 100), (10, 100))
-STAGES = ("stage0", "stage1", "stage2", "eval_vqa", "eval_caption")
 
 SMOKE_RECIPE = {
     "seed": 0,
@@ -78,10 +76,6 @@ SCALES = {
 }
 
 
-def log(msg):
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def timed(times, name, fn, *args, **kwargs):
     """Run ``fn`` and record its wall time in ``times[name]``."""
     log(f"step {name} ...")
@@ -97,8 +91,6 @@ def timed(times, name, fn, *args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 
 def build_world(out, recipe):
-    from lavis_pformer.demo.shapes_world import generate
-
     if os.path.exists(os.path.join(out, "world.json")):
         log(f"world exists: {out} (reused)")
     else:
@@ -122,151 +114,9 @@ def backbones(shared, scale, rebuild=False):
     return folder, manifest
 
 
-def repeated_pairs(world, data_dir, repeat):
-    """``captions_train.json`` with its pairs repeated ``repeat`` times (longer epochs, fewer checkpoints)."""
-    if repeat == 1:
-        return os.path.join(world, "captions_train.json")
-    path = os.path.join(data_dir, f"captions_train_x{repeat}.json")
-    with open(os.path.join(world, "captions_train.json"), encoding="utf-8") as f:
-        pairs = json.load(f)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(pairs * repeat, f)
-    return path
-
-
-def subset(src, dst, n):
-    """The first ``n`` lines of ``src`` into ``dst`` (the stage-0 budget: steps = n / batch)."""
-    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            g.write(line)
-    return dst
-
-
 # ---------------------------------------------------------------------------------------------
-# configs
+# jobs
 # ---------------------------------------------------------------------------------------------
-
-def _run_cfg(ctx, output_dir, task, **extra):
-    run = {
-        "task": task, "runner": "runner_pformer", "num_workers": 0, "seed": ctx["seed"], "output_dir": output_dir,
-        "amp": False, "device": ctx["scale"]["device"], "world_size": 1, "dist_url": "env://", "distributed": True,
-    }
-    run.update(extra)
-    return run
-
-
-def _train_sched(stage, log_freq=10):
-    return dict(lr_sched="linear_warmup_cosine_lr", init_lr=stage["lr"], min_lr=stage["lr"] / 10, warmup_lr=1e-5,
-                warmup_steps=10, weight_decay=0.05, max_epoch=stage["epochs"], batch_size_train=stage["batch"],
-                batch_size_eval=stage["batch"], accum_grad_iters=1, log_freq=log_freq, evaluate=False,
-                train_splits=["train"])
-
-
-def _vision(ctx):
-    """Model keys every image stage shares: the frozen backbones and the Q-Former's shape."""
-    vit = dict(ctx["recipe"]["vit"]["config"], checkpoint=ctx["vit"])
-    return dict(vit_model="custom_vit", vit_config=vit, image_size=32, vit_precision="fp32", freeze_vit=True,
-                bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], cross_attention_freq=1,
-                opt_model=ctx["lm"], llm_precision="fp32")
-
-
-def _caption_data(ctx, splits=("train",), storage=None):
-    world = ctx["world"]
-    annotations = {}
-    for split in splits:
-        ann = annotations[split] = {"storage": storage or os.path.join(world, f"captions_{split}.json")}
-        if split != "train":
-            ann["gt"] = os.path.join(world, f"coco_gt_{split}.json")
-    return {"local_caption": {
-        "vis_processor": {"train": {"name": "blip_image_eval", "image_size": 32},
-                          "eval": {"name": "blip_image_eval", "image_size": 32}},
-        "build_info": {"images": {"storage": world}, "annotations": annotations}}}
-
-
-def run_dir(ctx, name):
-    """Where run ``name`` writes (``<runs>/<name>/latest`` is its newest job folder)."""
-    return os.path.join(ctx["runs"], name, "latest")
-
-
-def stage0_cfg(ctx, name, qa):
-    s0 = ctx["scale"]["stage0"]
-    src = "qa_triples.jsonl" if qa else "sentences.txt"
-    data = subset(os.path.join(ctx["world"], src),
-                  os.path.join(ctx["data"], f"stage0_{'qa' if qa else 'sent'}_{s0['lines']}"
-                               + (".jsonl" if qa else ".txt")), s0["lines"])
-    model = {"arch": "pformer_opt", "model_type": "tiny", "bert_model": ctx["bert"], "opt_model": ctx["lm"],
-             "llm_precision": "fp32", "num_query_token": ctx["scale"]["num_query_token"], "max_txt_len": 32,
-             "embed_dim": 64, "mask_prob": 0.25, "lm_weight": 1.0, "contrastive_weight": 1.0, "vq_weight": 1.0,
-             "label_smoothing": 0.1, "qa_weight": s0["qa_weight"] if qa else 0.0}
-    return {"model": model,
-            "datasets": {"sentence_corpus": {"build_info": {"annotations": {"train": {"storage": data}}}}},
-            "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "pformer_pretrain", **_train_sched(s0))}
-
-
-def stage1_cfg(ctx, name, w1, stage0):
-    s1 = ctx["scale"]["stage1"]
-    model = dict(arch="blip2_qformer_pformer", model_type="tiny", embed_dim=64, max_txt_len=32, alignment_weight=w1,
-                 pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w1 else "", **_vision(ctx))
-    for key in ("opt_model", "llm_precision"):  # stage 1 has no LLM
-        model.pop(key)
-    pairs = repeated_pairs(ctx["world"], ctx["data"], s1["repeat"])
-    return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
-            "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s1))}
-
-
-def stage2_cfg(ctx, name, w2, stage0, stage1):
-    s2 = ctx["scale"]["stage2"]
-    model = dict(arch="blip2_opt_pformer", model_type="tiny", max_txt_len=32, alignment_weight=w2, prompt="",
-                 pretrained=os.path.join(run_dir(ctx, stage1), "checkpoint_last.pth"),
-                 pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w2 else "", **_vision(ctx))
-    pairs = repeated_pairs(ctx["world"], ctx["data"], s2["repeat"])
-    return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
-            "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s2))}
-
-
-def _eval_model(ctx, stage2):
-    return dict(arch="blip2_opt_pformer", model_type="tiny", load_finetuned=True,
-                finetuned=os.path.join(run_dir(ctx, stage2), "checkpoint_last.pth"), **_vision(ctx))
-
-
-def vqa_cfg(ctx, name, stage2, splits=("val", "test")):
-    world, ev = ctx["world"], ctx["scale"]["eval"]
-    ann = {s: {"storage": os.path.join(world, f"vqa_{s}.json"),
-               "question_file": os.path.join(world, f"vqa_{s}_questions.json"),
-               "annotation_file": os.path.join(world, f"vqa_{s}_annotations.json")} for s in splits}
-    run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "vqa", batch_size_train=ev["batch"],
-                   batch_size_eval=ev["batch"], max_len=ev["vqa_max_len"], min_len=1, num_beams=ev["num_beams"],
-                   inference_method="generate", prompt=VQA_PROMPT, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, stage2),
-            "datasets": {"local_vqa": {"build_info": {"images": {"storage": world}, "annotations": ann}}},
-            "run": run}
-
-
-def caption_cfg(ctx, name, stage2, splits=("val", "test")):
-    ev = ctx["scale"]["eval"]
-    run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "captioning_pformer", batch_size_train=ev["batch"],
-                   batch_size_eval=ev["batch"], max_len=ev["cap_max_len"], min_len=1, num_beams=ev["num_beams"],
-                   caption_spice=False, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, stage2), "datasets": _caption_data(ctx, splits), "run": run}
-
-
-# ---------------------------------------------------------------------------------------------
-# running: a small scheduler of train.py / evaluate.py subprocesses
-# ---------------------------------------------------------------------------------------------
-
-COST = {"stage0": 3, "stage1": 2, "stage2": 3, "eval_vqa": 1, "eval_caption": 1}  # for the run order only
-
-
-class Job:
-    """One ``train.py`` / ``evaluate.py`` run of a written config, after the jobs named in ``after``."""
-
-    def __init__(self, name, script, cfg_path, log_path, output_dir, after=()):
-        self.name, self.script, self.cfg_path, self.log_path = name, script, cfg_path, log_path
-        self.output_dir, self.after = output_dir, tuple(after)
-        self.kind = next(k for k in STAGES if name.endswith(k))
-
 
 def write_config(ctx, script, name, cfg, after=()):
     """``<configs>/<name>.yaml`` (rerun it with ``python <script> --cfg-path <it>``); returns its Job."""
@@ -275,61 +125,6 @@ def write_config(ctx, script, name, cfg, after=()):
         f.write(f"# written by lavis_pformer.demo.pipeline; rerun: python {script} --cfg-path {path}\n")
         yaml.safe_dump(cfg, f, sort_keys=False)
     return Job(name, script, path, os.path.join(ctx["logs"], f"{name}.log"), cfg["run"]["output_dir"], after)
-
-
-def _priority(jobs):
-    """Cost of the longest chain of jobs that starts at each job (the critical path goes first)."""
-    after = {j.name: [k for k in jobs if j.name in k.after] for j in jobs}
-    memo = {}
-
-    def chain(job):
-        if job.name not in memo:
-            memo[job.name] = COST[job.kind] + max((chain(k) for k in after[job.name]), default=0)
-        return memo[job.name]
-
-    return {j.name: chain(j) for j in jobs}
-
-
-def run_jobs(jobs, parallel=1, threads=None):
-    """Run ``jobs`` (a dependency DAG), ``parallel`` at a time, each one's output in its log file.
-
-    Each subprocess runs with ``threads`` torch threads (OMP_NUM_THREADS), so its results do not depend on
-    the machine's core count. Returns {name: seconds}; the first failure stops the rest.
-    """
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    priority = _priority(jobs)
-    pending = sorted(jobs, key=lambda j: -priority[j.name])
-    running, done, times = {}, set(), {}
-    try:
-        while pending or running:
-            for job in [j for j in pending if set(j.after) <= done][: max(0, parallel - len(running))]:
-                pending.remove(job)
-                out = open(job.log_path, "w")
-                proc = subprocess.Popen([sys.executable, os.path.join(REPO, job.script), "--cfg-path", job.cfg_path],
-                                        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-                running[job.name] = (job, proc, out, time.time())
-                log(f"  {job.name} started")
-            time.sleep(0.2)
-            for name, (job, proc, out, t0) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                out.close()
-                del running[name]
-                if proc.returncode != 0:
-                    tail = open(job.log_path).read()[-3000:]
-                    raise RuntimeError(f"{job.script} {job.cfg_path} failed ({proc.returncode}); log {job.log_path}:"
-                                       f"\n{tail}")
-                times[name] = round(time.time() - t0, 1)
-                done.add(name)
-                log(f"  {name} done in {times[name]:.1f}s -> {os.path.realpath(os.path.join(job.output_dir, 'latest'))}")
-    finally:
-        for job, proc, out, _ in running.values():
-            proc.kill()
-            out.close()
-    return times
 
 
 def chain_jobs(ctx, tag, stage0, w1, w2, stage1_runs):

@@ -16,7 +16,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from lavis_pformer.demo.shapes_world import COLOURS, POSITIONS, SHAPES
+from lavis_pformer.synthetic.shapes_world import COLOURS, POSITIONS, SHAPES
 
 CAPTION_OBJECT = re.compile(r"\b(?:a|an) (\w+) (\w+) at the (top left|top right|bottom left|bottom right)")
 POINTS = ("vit", "qformer", "prompt")

@@ -1,8 +1,7 @@
 """Metrics, tables and plots of the miniature demo (``pipeline.py``).
 
 VQA metrics are computed from the runs' prediction files against the world's eval lists, per question
-type, with LAVIS's answer normalisation (the world's ground truth has 10 identical answers, so the VQA
-score of a question is 1 for a match and 0 otherwise; the overall figure equals LAVIS's ``agg_metrics``/100):
+type (``vqa_scores``):
 
 - ``accuracy``: share of correct answers;
 - ``on_type``: share of answers inside the question type's answer set (world.json ``answers``);
@@ -19,71 +18,11 @@ import re
 
 import torch
 
-QUESTION_TYPES = ("color", "shape", "count", "yesno")
-HEADLINE_TYPES = ("color", "shape", "count")
+from lavis_pformer.demo.run_configs import run_dir
+from lavis_pformer.demo.vqa_scores import HEADLINE_TYPES, vqa_type_metrics
+from lavis_pformer.synthetic.shapes_world import QUESTION_TYPES
+
 _LOSS_RE = re.compile(r"Train: data epoch: \[(\d+)\]\s+\[\s*(\d+)/(\d+)\].*?\bloss: ([0-9.]+)")
-
-_VQA_EVAL = None
-
-
-def normalize_answer(answer):
-    """LAVIS's VQA answer normalisation (punctuation, number words -> digits, articles)."""
-    global _VQA_EVAL
-    if _VQA_EVAL is None:
-        try:
-            from lavis.common.vqa_tools.vqa_eval import VQAEval
-
-            _VQA_EVAL = VQAEval()
-        except Exception:  # pragma: no cover - LAVIS missing: a plain fallback
-            _VQA_EVAL = False
-    text = str(answer).replace("\n", " ").replace("\t", " ").strip().lower()
-    if _VQA_EVAL:
-        text = _VQA_EVAL.processDigitArticle(_VQA_EVAL.processPunctuation(text))
-    return text.strip()
-
-
-def vqa_type_metrics(predictions, items, answer_sets):
-    """Metrics of ``predictions`` ([{question_id, answer}]) on ``items`` ([{question_id, answer, question_type}]).
-
-    ``answer_sets``: {question_type: [answers]}. Returns {"overall", "overall_excl_yesno", "on_type",
-    "questions", "per_type": {type: {"accuracy", "restricted_accuracy", "on_type", "questions"}}}.
-    """
-    pred = {int(p["question_id"]): normalize_answer(p["answer"]) for p in predictions}
-    sets = {t: {normalize_answer(a) for a in v} for t, v in answer_sets.items()}
-    per = {}
-    for it in items:
-        gt = it["answer"][0] if isinstance(it["answer"], list) else it["answer"]
-        p = pred.get(int(it["question_id"]), "")
-        t = it["question_type"]
-        d = per.setdefault(t, {"n": 0, "hit": 0, "on": 0, "on_hit": 0})
-        hit = p == normalize_answer(gt)
-        on = p in sets.get(t, ())
-        d["n"] += 1
-        d["hit"] += hit
-        d["on"] += on
-        d["on_hit"] += hit and on
-    out = {"per_type": {}}
-    for t in [t for t in QUESTION_TYPES if t in per] + [t for t in per if t not in QUESTION_TYPES]:
-        d = per[t]
-        out["per_type"][t] = {
-            "accuracy": d["hit"] / d["n"],
-            "restricted_accuracy": d["on_hit"] / d["on"] if d["on"] else None,
-            "on_type": d["on"] / d["n"],
-            "questions": d["n"],
-        }
-
-    def pooled(types, key):
-        ds = [per[t] for t in types if t in per]
-        n = sum(d["n"] for d in ds)
-        return sum(d[key] for d in ds) / n if n else None
-
-    out["overall"] = pooled(list(per), "hit")
-    out["overall_excl_yesno"] = pooled(HEADLINE_TYPES, "hit")
-    out["on_type"] = pooled(list(per), "on")
-    out["on_type_excl_yesno"] = pooled(HEADLINE_TYPES, "on")
-    out["questions"] = sum(d["n"] for d in per.values())
-    return out
-
 
 def _load(path):
     with open(path, encoding="utf-8") as f:
@@ -136,8 +75,6 @@ def caption_metrics(predictions, references):
 
 def chain_metrics(ctx, chain):
     """VQA (val and test) and caption (test) metrics of one chain's runs (``chain["runs"]``: run names)."""
-    from lavis_pformer.demo.pipeline import run_dir
-
     world = ctx["world"]
     answer_sets = _load(os.path.join(world, "world.json"))["answers"]
     out = {"w1": chain["w1"], "w2": chain["w2"]}
@@ -253,13 +190,26 @@ def _chance(world_json, key="chance"):
     return out
 
 
-def plot_losses(curves, path, title):
-    """One panel per stage, one line per arm. ``curves``: {arm: {stage: [(step, loss)]}}."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(curves, path, title):
+    """One panel per stage, one line per arm. ``curves``: {arm: {stage: [(step, loss)]}}."""
+    plt = _pyplot()
     stages = sorted({s for c in curves.values() for s in c})
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.5 * max(1, len(stages)), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -272,19 +222,12 @@ def plot_losses(curves, path, title):
         ax.set_ylabel("total training loss")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_bars(groups, path, title, errors=None, reference=None):
     """Grouped bars: ``groups`` {metric: {arm: value}}, optional ``errors`` alike, ``reference`` {label: y}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metrics = list(groups)
     arms = list(dict.fromkeys(a for g in groups.values() for a in g))
     width = 0.8 / max(1, len(arms))
@@ -302,10 +245,7 @@ def plot_bars(groups, path, title, errors=None, reference=None):
     ax.set_xticklabels(metrics, fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def text_ceiling(manifest):

@@ -1,243 +1,32 @@
 """Train the demo's tiny OPT language model on a shapes-world text corpus, offline, on a few CPU cores.
 
-The miniature demo has no pretrained LLM, so it trains one from scratch and then freezes it, as OPT is
-frozen in the paper. Command line::
+The miniature demo has no pretrained LLM, so it trains one from scratch and then freezes it, as OPT is frozen in
+the paper. Command line::
 
     python -m lavis_pformer.demo.train_lm --world DIR --out DIR [--steps 3000] [--layers 3]
         [--width 128] [--heads 4] [--ffn 512] [--batch-size 64] [--lr 2e-3] [--seed 0]
         [--max-offset 8] [--log-every 100] [--threads N]
 
-Python: ``train_lm(world_dir, out_dir, ...)`` returns the report dict also written to
-``out_dir/lm_report.json``.
-
-What ``out_dir`` holds
-----------------------
-An OPT-style slow tokenizer (``GPT2Tokenizer``: ``</s>`` is bos and eos, ``<pad>`` is id 1, a bos is
-prepended to every text, ``"\\n"`` is a single token, as BLIP-2 OPT uses it as end of text) over a
-byte-level BPE trained on the world's ``corpus.txt``, and a ``transformers`` ``OPTForCausalLM``
-(``word_embed_proj_dim == hidden_size``), both saved with ``save_pretrained``: LAVIS loads them with
-``lavis.models.blip2_models.modeling_opt.OPTForCausalLM.from_pretrained(out_dir)`` and
-``AutoTokenizer.from_pretrained(out_dir, use_fast=False)`` (the evaluation below loads them that way).
-
-Training
---------
-- Texts: each corpus line, as ``</s>`` + line + ``"\\n"`` (a line with a context segment,
-  ``context</s>text``, as ``</s>`` + context + ``</s>`` + text + ``"\\n"``); next-token cross-entropy on every token,
-  answer tokens (the words after ``"Short answer:"``, up to ``"."`` or the end of the line) weighted x3.
-- Position offsets: at use time BLIP-2 puts Q soft-prompt vectors before the text, so the text sits at
-  positions Q..Q+T of OPT's learned absolute position embedding. Every training text therefore starts
-  at a random position, uniform in 0..``max_offset`` (its positions are shifted; nothing is put
-  before it: a prefix of attended random tokens, tried first, delayed learning to read the context),
-  and the LM works with and without a prefix.
-- Speed: padding is only ever on the right (so a plain causal mask is exact and positions are the
-  row's offset + 0..T-1), and the forward pass runs the model's own modules with
-  ``scaled_dot_product_attention`` on the real tokens only (``fast_logits``; it matches
-  ``OPTForCausalLM.forward``, see tests/test_demo_lm.py).
-- AdamW, linear warm-up over the first 5% of the steps then cosine decay to 10% of ``lr``, gradient
-  clipping at 1, no dropout.
-
-Evaluation ("answering from a textual scene", the ceiling of the image side)
----------------------------------------------------------------------------
-For each question of the world's val split, ``"<caption> Question: <q> Short answer:"`` (the caption
-of its image from captions_val.json) is fed to the saved model (loaded through LAVIS), greedy, at most
-3 new tokens, ``"\\n"`` ends the answer. The prediction is the generated text up to the first ``"\\n"``
-or ``"."``, stripped. Accuracy per question type (color, shape, count, yesno), overall, overall without
-yes/no, the share of predictions inside their type's answer set (``on_type``), and the same with the
-caption as a context segment before the bos (``context``: ``"<caption></s>Question: <q> Short answer:"``,
-the layout the image side produces, its soft prompt standing where the caption stands here).
+Python: ``train_lm(world_dir, out_dir, ...)`` returns the report dict also written to ``out_dir/lm_report.json``.
+What ``out_dir`` holds, the training and the evaluation: docs/demo.md. The parts: ``lm_data`` (tokenizer, corpus,
+batches), ``lm_model`` (the model and its fast forward), ``lm_eval`` (the text ceiling).
 """
 import argparse
 import json
 import math
 import os
 import random
-import re
 import time
 
 import torch
 import torch.nn.functional as F
 
-from lavis_pformer.demo.shapes_world import SEGMENT_SEP
+from lavis_pformer.demo.lm_data import ANSWER_WEIGHT, batches, build_tokenizer, encode_corpus
+from lavis_pformer.demo.lm_eval import evaluate_text_ceiling, load_questions, quick_accuracy
+from lavis_pformer.demo.lm_model import build_model, fast_logits
+from lavis_pformer.synthetic.shapes_world import SEGMENT_SEP
 
 Q = 8  # soft-prompt length of the demo's P-Former / Q-Former (pipeline SCALES["cpu"]["num_query_token"])
-QUESTION_TYPES = ("color", "shape", "count", "yesno")
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos = eos), <unk>=3
-PAD_ID, BOS_ID = 1, 2
-ANSWER_WEIGHT = 3.0
-EVAL_PROMPT = "{caption} Question: {question} Short answer:"
-# the caption as a context segment before the bos, where the image side puts its soft prompt
-CONTEXT_PROMPT = "{caption}" + SEGMENT_SEP + "Question: {question} Short answer:"
-_ANSWER_RE = re.compile(r"Short answer:( [^.\n]*)")
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer
-# ---------------------------------------------------------------------------------------------
-
-def build_tokenizer(lines, out_dir, vocab_size=800):
-    """Train a byte-level BPE on ``lines`` and save it as OPT's slow tokenizer under ``out_dir``.
-
-    Returns (slow GPT2Tokenizer, fast ``tokenizers`` ByteLevelBPETokenizer with the same vocabulary,
-    used to encode the corpus quickly with character offsets).
-    """
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Tokenizer
-
-    os.makedirs(out_dir, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
-    bpe.save_model(out_dir)
-    tokenizer = GPT2Tokenizer(
-        os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
-        bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>", add_bos_token=True,
-    )
-    tokenizer.save_pretrained(out_dir)
-    assert tokenizer.pad_token_id == PAD_ID and tokenizer.bos_token_id == BOS_ID
-    assert len(tokenizer("\n", add_special_tokens=False).input_ids) == 1, "'\\n' must be one token"
-    return tokenizer, bpe
-
-
-def encode_corpus(lines, bpe, tokenizer, check=64, answer_weight=ANSWER_WEIGHT):
-    """Token ids and per-token loss weights of every line: ``</s>`` + segment for each of the line's
-    ``</s>``-separated segments, then ``"\\n"`` (a line without a separator is one segment).
-
-    The weight of token i is the weight of predicting it (``answer_weight`` for answer tokens, else 1);
-    the segments of the first ``check`` lines are also encoded with the slow tokenizer, which must agree.
-    """
-    segments = [line.split(SEGMENT_SEP) for line in lines]
-    texts = [seg + ("\n" if i == len(segs) - 1 else "") for segs in segments for i, seg in enumerate(segs)]
-    encodings = iter(bpe.encode_batch(texts))
-    pieces = iter(texts)
-    ids, weights = [], []
-    for segs in segments:
-        line_ids, line_weights = [], []
-        for _ in segs:
-            text, enc = next(pieces), next(encodings)
-            spans = [(m.start(1), m.end(1)) for m in _ANSWER_RE.finditer(text)]
-            line_weights.append(1.0)  # the bos: never a target in the first segment, predicted after a context
-            for start, end in enc.offsets:
-                line_weights.append(answer_weight if any(start < e and end > s for s, e in spans) else 1.0)
-            line_ids += [BOS_ID] + enc.ids
-        ids.append(line_ids)
-        weights.append(line_weights)
-    for text in texts[:check]:
-        slow = tokenizer(text).input_ids
-        fast = [BOS_ID] + bpe.encode(text).ids
-        if slow != fast:
-            raise AssertionError(f"fast and slow tokenizers disagree on {text!r}: {fast} vs {slow}")
-    return ids, weights
-
-
-# ---------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------
-
-def build_model(vocab_size, layers, width, heads, ffn, max_positions, seed=0):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    config = OPTConfig(
-        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-        ffn_dim=ffn, max_position_embeddings=max_positions, word_embed_proj_dim=width,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=BOS_ID, do_layer_norm_before=True,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
-    )
-    return OPTForCausalLM(config)
-
-
-def fast_logits(model, input_ids=None, inputs_embeds=None, valid=None, select=None, offsets=None):
-    """OPT's forward for right-padded batches whose real tokens are all attended, using the model's modules.
-
-    Positions are 0..T-1 (what OPT derives from the attention mask when only right padding is masked)
-    plus ``offsets`` ([B] long, default 0) per row; attention is causal (right padding never reaches
-    real tokens). ``valid`` ([B, T] bool, a prefix of each row; default all) marks the real tokens:
-    embeddings, projections, feed-forward layers and the LM head run on those tokens only, packed, and
-    only attention sees the padded [B, T] layout, so padding costs little. ``select`` ([B, T] bool,
-    inside ``valid``) keeps only those positions' logits, returned flat [N, V] in row-major order;
-    otherwise logits are [B, T, V] (zero at padding).
-    """
-    decoder = model.model.decoder
-    cfg = model.config
-    B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    if valid is None:
-        valid = torch.ones((B, T), dtype=torch.bool, device=(input_ids if input_ids is not None else inputs_embeds).device)
-    if inputs_embeds is None:
-        h = decoder.embed_tokens(input_ids[valid])
-    else:
-        h = inputs_embeds[valid]
-    if decoder.project_in is not None:
-        h = decoder.project_in(h)
-    H = h.shape[-1]
-    positions = torch.arange(T, device=h.device).expand(B, T)
-    if offsets is not None:
-        positions = positions + offsets.to(h.device)[:, None]
-    positions = positions[valid]
-    h = h + decoder.embed_positions.weight[positions + decoder.embed_positions.offset]
-    nh = cfg.num_attention_heads
-    hd = H // nh
-    drop = model.training
-    for layer in decoder.layers:
-        attn = layer.self_attn
-        x = layer.self_attn_layer_norm(h) if layer.do_layer_norm_before else h
-        qkv = h.new_zeros((B, T, 3 * H))
-        qkv[valid] = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-        q, k, v = qkv.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn.dropout if drop else 0.0,
-                                           scale=attn.scaling)
-        o = attn.out_proj(o.transpose(1, 2).reshape(B, T, H)[valid])
-        h = h + F.dropout(o, p=layer.dropout, training=drop)
-        if not layer.do_layer_norm_before:
-            h = layer.self_attn_layer_norm(h)
-        x = layer.final_layer_norm(h) if layer.do_layer_norm_before else h
-        x = layer.fc2(layer.activation_fn(layer.fc1(x)))
-        h = h + F.dropout(x, p=layer.dropout, training=drop)
-        if not layer.do_layer_norm_before:
-            h = layer.final_layer_norm(h)
-    if select is not None:
-        h = h[select[valid]]
-    if decoder.final_layer_norm is not None:
-        h = decoder.final_layer_norm(h)
-    if decoder.project_out is not None:
-        h = decoder.project_out(h)
-    logits = model.lm_head(h)
-    if select is not None:
-        return logits
-    out = logits.new_zeros((B, T, logits.shape[-1]))
-    out[valid] = logits
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# batches
-# ---------------------------------------------------------------------------------------------
-
-def batches(ids, weights, batch_size, max_offset, rng):
-    """Endless stream of (input_ids, targets, weights, valid, offsets) batches in random order.
-
-    input_ids / targets / weights / valid are [B, T]; offsets [B] is each text's first position, uniform in
-    0..max_offset. Rows are right-padded; ``valid`` marks the text. Position t's target is token t+1;
-    padding has weight 0. Batches are not bucketed by length (in this corpus length goes with content: a
-    batch of short texts would hold no questions); ``fast_logits`` makes the padding nearly free instead.
-    """
-    n = len(ids)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            members = order[start : start + batch_size]
-            T = max(len(ids[i]) for i in members) - 1  # inputs drop the last token
-            inp = torch.full((len(members), T), PAD_ID, dtype=torch.long)
-            tgt = torch.full((len(members), T), PAD_ID, dtype=torch.long)
-            wgt = torch.zeros((len(members), T))
-            valid = torch.zeros((len(members), T), dtype=torch.bool)
-            for r, i in enumerate(members):
-                seq = ids[i]
-                inp[r, : len(seq) - 1] = torch.tensor(seq[:-1])
-                tgt[r, : len(seq) - 1] = torch.tensor(seq[1:])
-                wgt[r, : len(seq) - 1] = torch.tensor(weights[i][1:])
-                valid[r, : len(seq) - 1] = True
-            offsets = torch.tensor([rng.randint(0, max_offset) for _ in members], dtype=torch.long)
-            yield inp, tgt, wgt, valid, offsets
 
 
 def warmup_cosine_lr(step, steps, lr, warmup_frac=0.05, floor=0.1, schedule="cosine"):
@@ -250,139 +39,90 @@ def warmup_cosine_lr(step, steps, lr, warmup_frac=0.05, floor=0.1, schedule="cos
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ---------------------------------------------------------------------------------------------
-# evaluation
-# ---------------------------------------------------------------------------------------------
-
-def _load_split(world_dir, split):
-    with open(os.path.join(world_dir, f"vqa_{split}.json"), encoding="utf-8") as f:
-        questions = json.load(f)
-    with open(os.path.join(world_dir, f"captions_{split}.json"), encoding="utf-8") as f:
-        captions = {str(r["image_id"]): r["caption"] for r in json.load(f)}
-    return [
-        {"prompt": EVAL_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
-         "context_prompt": CONTEXT_PROMPT.format(caption=captions[str(q["image_id"])], question=q["question"]),
-         "answer": q["answer"][0] if isinstance(q["answer"], list) else q["answer"],
-         "question_type": q["question_type"]}
-        for q in questions
-    ]
-
-
-@torch.no_grad()
-def quick_accuracy(model, tokenizer, items, batch_size=256):
-    """Per-type accuracy of the argmax first answer token (one forward pass; for training logs)."""
-    was_training = model.training
-    model.eval()
-    hits = {}
-    try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            enc = [encode_segments(tokenizer, it["prompt"]) for it in chunk]
-            T = max(len(e) for e in enc)
-            inp = torch.full((len(chunk), T), PAD_ID, dtype=torch.long)
-            select = torch.zeros((len(chunk), T), dtype=torch.bool)
-            valid = torch.zeros((len(chunk), T), dtype=torch.bool)
-            for r, e in enumerate(enc):
-                inp[r, : len(e)] = torch.tensor(e)
-                valid[r, : len(e)] = True
-                select[r, len(e) - 1] = True
-            device = model.lm_head.weight.device
-            pred = fast_logits(model, inp.to(device), valid=valid.to(device), select=select.to(device))
-            pred = pred.argmax(-1).tolist()
-            for it, p in zip(chunk, pred):
-                hits.setdefault(it["question_type"], []).append(clean_answer(tokenizer.decode([p])) == it["answer"])
-    finally:
-        model.train(was_training)
-    return {t: sum(h) / len(h) for t, h in hits.items()}
-
-
-def clean_answer(text):
-    """The predicted answer in generated text: up to the first newline or full stop, stripped."""
-    return text.split("\n")[0].split(".")[0].strip()
-
-
-def encode_segments(tokenizer, text):
-    """Token ids of ``text`` as the LM was trained on it: bos + ids of each ``</s>``-separated segment."""
-    ids = []
-    for segment in text.split(SEGMENT_SEP):
-        ids += [tokenizer.bos_token_id] + tokenizer(segment, add_special_tokens=False).input_ids
-    return ids
-
-
-@torch.no_grad()
-def answer_questions(model, tokenizer, prompts, batch_size=128, max_new_tokens=3):
-    """Greedy answers (LAVIS-style ``generate``: left padding, ``"\\n"`` ends) for text prompts."""
-    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [encode_segments(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            attention_mask[i, width - len(r):] = 1
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
-            max_new_tokens=max_new_tokens, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id,
-        )
-        answers += [clean_answer(t) for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
-    return answers
-
-
-def score(items, predictions, answer_sets=None):
-    """Accuracy per question type, overall and overall without yes/no; ``on_type`` shares if given sets."""
-    out = {"per_type": {}, "questions": len(items)}
-    hits = {t: [] for t in QUESTION_TYPES}
-    on = {t: [] for t in QUESTION_TYPES}
-    for item, pred in zip(items, predictions):
-        t = item["question_type"]
-        hits.setdefault(t, []).append(pred == item["answer"])
-        if answer_sets:
-            on.setdefault(t, []).append(pred in answer_sets.get(t, ()))
-    for t, h in hits.items():
-        if h:
-            out["per_type"][t] = {"accuracy": sum(h) / len(h), "questions": len(h)}
-            if answer_sets:
-                out["per_type"][t]["on_type"] = sum(on[t]) / len(on[t])
-    all_hits = [x for h in hits.values() for x in h]
-    no_yn = [x for t, h in hits.items() if t != "yesno" for x in h]
-    out["overall"] = sum(all_hits) / len(all_hits) if all_hits else None
-    out["overall_excl_yesno"] = sum(no_yn) / len(no_yn) if no_yn else None
-    return out
-
-
-def evaluate_text_ceiling(out_dir, world_dir, split="val"):
-    """Load the saved LM through LAVIS and answer ``split``'s questions from the caption text, with the caption
-    in the question's segment and (``context``) as a context segment before the bos."""
-    from transformers import AutoTokenizer
-
-    from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(out_dir, use_fast=False)
-    model = OPTForCausalLM.from_pretrained(out_dir).eval()
-    items = _load_split(world_dir, split)
-    answer_sets = None
-    world_path = os.path.join(world_dir, "world.json")
-    if os.path.exists(world_path):
-        with open(world_path, encoding="utf-8") as f:
-            answer_sets = {t: set(a) for t, a in json.load(f).get("answers", {}).items()}
-    result = score(items, answer_questions(model, tokenizer, [it["prompt"] for it in items]), answer_sets)
-    result["split"] = split
-    result["context"] = score(items, answer_questions(model, tokenizer, [it["context_prompt"] for it in items]),
-                              answer_sets)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# training
-# ---------------------------------------------------------------------------------------------
-
 def _default_threads():
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def read_corpus(world_dir):
+    """The non-empty lines of the world's ``corpus.txt``."""
+    with open(os.path.join(world_dir, "corpus.txt"), encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{world_dir}/corpus.txt is empty")
+    return lines
+
+
+def _tokenize(lines, out_dir, vocab_size, answer_weight):
+    """The tokenizer trained on the corpus's segments (saved under ``out_dir``), the lines' ids and weights."""
+    segments = [segment for line in lines for segment in line.split(SEGMENT_SEP)]
+    tokenizer, bpe = build_tokenizer(segments, out_dir, vocab_size=vocab_size)
+    ids, weights = encode_corpus(lines, bpe, tokenizer, answer_weight=answer_weight)
+    return tokenizer, ids, weights
+
+
+def _optimizer(model, lr, weight_decay, betas):
+    """AdamW; no weight decay on biases, norms and the position embedding."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_positions" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_positions" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+
+
+def _train_steps(model, optim, stream, steps, lr_at, log_every, quick, device, log):
+    """``steps`` steps of answer-weighted next-token cross-entropy on ``stream``'s batches.
+
+    ``lr_at(step)``: the learning rate; ``quick``: (tokenizer, items) of the first-token accuracy logged every
+    ``log_every`` steps, or None. Returns (loss history, first loss, padding share of the batches).
+    """
+    model.train()
+    history, window, window_tokens = [], 0.0, 0.0
+    pad_tokens = real_tokens = 0
+    first_loss = None
+    t0 = time.time()
+    for step in range(steps):
+        inp, tgt, wgt, valid, offsets = (t.to(device) for t in next(stream))
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step)
+        select = wgt > 0
+        logits = fast_logits(model, inp, valid=valid, select=select, offsets=offsets)
+        w = wgt[select]
+        nll = F.cross_entropy(logits, tgt[select], reduction="none")
+        loss = (nll * w).sum() / w.sum()
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        value = loss.item()
+        if first_loss is None:
+            first_loss = value
+        window += value
+        window_tokens += 1
+        real_tokens += int(valid.sum())
+        pad_tokens += int((~valid).sum())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            mean = window / window_tokens
+            entry = {"step": step + 1, "loss": round(mean, 4), "elapsed_s": round(time.time() - t0, 1)}
+            msg = ""
+            if quick:
+                entry["quick_accuracy"] = {t: round(a, 3) for t, a in quick_accuracy(model, *quick).items()}
+                msg = " first-token acc " + " ".join(f"{t} {a:.2f}" for t, a in entry["quick_accuracy"].items())
+            history.append(entry)
+            log(f"[train_lm] step {step + 1}/{steps} loss {mean:.4f} lr {lr_at(step):.2e} "
+                f"elapsed {time.time() - t0:.1f}s{msg}")
+            window = window_tokens = 0.0
+    return history, first_loss, pad_tokens / max(1, pad_tokens + real_tokens)
+
+
+def _chance(world_dir, split):
+    """The world's chance level on ``split`` (world.json), or None without a world.json."""
+    world_path = os.path.join(world_dir, "world.json")
+    if not os.path.exists(world_path):
+        return None
+    with open(world_path, encoding="utf-8") as f:
+        return json.load(f).get(f"chance_{split}" if split != "test" else "chance")
 
 
 def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
@@ -395,13 +135,8 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with open(os.path.join(world_dir, "corpus.txt"), encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-        if not lines:
-            raise ValueError(f"{world_dir}/corpus.txt is empty")
-        segments = [segment for line in lines for segment in line.split(SEGMENT_SEP)]
-        tokenizer, bpe = build_tokenizer(segments, out_dir, vocab_size=vocab_size)
-        ids, weights = encode_corpus(lines, bpe, tokenizer, answer_weight=answer_weight)
+        lines = read_corpus(world_dir)
+        tokenizer, ids, weights = _tokenize(lines, out_dir, vocab_size, answer_weight)
         vocab = len(tokenizer)
         lengths = [len(x) for x in ids]
         # room for the longest training text at the largest offset, and at least 128 positions
@@ -412,51 +147,16 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         log(f"[train_lm] {len(lines)} texts, {sum(lengths)} tokens (max {max(lengths)}), vocab {vocab}, "
             f"{n_params / 1e6:.2f}M parameters, {threads} threads, prep {t_prep:.1f}s")
 
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_positions" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_positions" not in n)]
-        optim = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+        optim = _optimizer(model, lr, weight_decay, betas)
         rng = random.Random(seed)
         torch.manual_seed(seed)
         stream = batches(ids, weights, batch_size, max_offset, rng)
-        quick_items = _load_split(world_dir, eval_split) if quick_eval else None
-        model.train()
-        history, window, window_tokens = [], 0.0, 0.0
-        pad_tokens = real_tokens = 0
-        first_loss = None
+        quick_items = load_questions(world_dir, eval_split) if quick_eval else None
+        quick = (tokenizer, quick_items) if quick_items else None
         t0 = time.time()
-        for step in range(steps):
-            inp, tgt, wgt, valid, offsets = (t.to(device) for t in next(stream))
-            for group in optim.param_groups:
-                group["lr"] = warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule)
-            select = wgt > 0
-            logits = fast_logits(model, inp, valid=valid, select=select, offsets=offsets)
-            w = wgt[select]
-            nll = F.cross_entropy(logits, tgt[select], reduction="none")
-            loss = (nll * w).sum() / w.sum()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            value = loss.item()
-            if first_loss is None:
-                first_loss = value
-            window += value
-            window_tokens += 1
-            real_tokens += int(valid.sum())
-            pad_tokens += int((~valid).sum())
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                mean = window / window_tokens
-                entry = {"step": step + 1, "loss": round(mean, 4), "elapsed_s": round(time.time() - t0, 1)}
-                msg = ""
-                if quick_items:
-                    entry["quick_accuracy"] = {t: round(a, 3) for t, a in
-                                               quick_accuracy(model, tokenizer, quick_items).items()}
-                    msg = " first-token acc " + " ".join(f"{t} {a:.2f}" for t, a in entry["quick_accuracy"].items())
-                history.append(entry)
-                log(f"[train_lm] step {step + 1}/{steps} loss {mean:.4f} "
-                    f"lr {warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule):.2e} elapsed {time.time() - t0:.1f}s{msg}")
-                window = window_tokens = 0.0
+        history, first_loss, padding_share = _train_steps(
+            model, optim, stream, steps, lambda step: warmup_cosine_lr(step, steps, lr, warmup, schedule=schedule),
+            log_every, quick, device, log)
         t_train = time.time() - t0
         model.eval().cpu()
         model.save_pretrained(out_dir)
@@ -465,11 +165,6 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         t1 = time.time()
         result = evaluate_text_ceiling(out_dir, world_dir, eval_split)
         t_eval = time.time() - t1
-        chance = None
-        world_path = os.path.join(world_dir, "world.json")
-        if os.path.exists(world_path):
-            with open(world_path, encoding="utf-8") as f:
-                chance = json.load(f).get(f"chance_{eval_split}" if eval_split != "test" else "chance")
         report = {
             "out_dir": os.path.abspath(out_dir),
             "world_dir": os.path.abspath(world_dir),
@@ -487,14 +182,14 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
             "loss_first": first_loss,
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": history,
-            "padding_share": pad_tokens / max(1, pad_tokens + real_tokens),
+            "padding_share": padding_share,
             "time_s": {"prepare": round(t_prep, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),
                        "total": round(time.time() - t_start, 1)},
             "text_ceiling": result,
             "accuracy": {t: v["accuracy"] for t, v in result["per_type"].items()},
             "overall": result["overall"],
             "overall_excl_yesno": result["overall_excl_yesno"],
-            "chance": chance,
+            "chance": _chance(world_dir, eval_split),
         }
         with open(os.path.join(out_dir, "lm_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

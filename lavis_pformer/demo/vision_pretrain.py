@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lavis_pformer.demo.shapes_world import COLOURS, IMAGE_SIZE, SHAPES
+from lavis_pformer.synthetic.shapes_world import COLOURS, IMAGE_SIZE, SHAPES
 from lavis_pformer.demo.train_lm import warmup_cosine_lr
 
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0 = empty quadrant

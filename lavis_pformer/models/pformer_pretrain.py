@@ -20,11 +20,9 @@ from lavis_pformer.errors import ConfigError
 from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.losses import two_view_contrastive_loss, vq_commitment_loss
 from lavis_pformer.pformer import PFormer
-from lavis_pformer.text import mask_tokens
+from lavis_pformer.text import QA_PROMPT, mask_tokens
 
 PFORMER_EXPORT_NAME = "pformer.pth"
-# The zero-shot VQA prompt of the paper's evaluation, reused by the optional text-only QA term.
-QA_PROMPT = "Question: {} Short answer:"
 
 
 class PFormerPretrain(BackboneMixin, Blip2Base):

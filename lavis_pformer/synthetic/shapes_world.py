@@ -1,76 +1,14 @@
-"""A synthetic "shapes world" for the miniature P-Former demo, generated from a seed (nothing downloaded).
+"""A synthetic "shapes world" generated from a seed (nothing downloaded): 32x32 images of 1-3 coloured shapes,
+their captions, VQA questions, a text corpus and unpaired images. docs/demo.md describes the world and its files.
 
 Command line::
 
-    python -m lavis_pformer.demo.shapes_world --out DIR [--seed 0] [--n-train 1000] [--n-val 200]
+    python -m lavis_pformer.synthetic.shapes_world --out DIR [--seed 0] [--n-train 1000] [--n-val 200]
         [--n-test 200] [--n-corpus 40000] [--qa-fraction 0.9] [--n-vision 4000]
 
-Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written.
-
-The world
----------
-- Images are 32x32 RGB PNGs on a black background holding 1-3 objects (the number is uniform over
-  1, 2, 3). An object is a shape (circle, square, triangle) in one of 6 colours (red, green, blue,
-  yellow, purple, orange), drawn without anti-aliasing so every object pixel has its colour's exact
-  RGB value (``world.json`` lists them). Positions are the four quadrants (top left, top right,
-  bottom left, bottom right), one object per quadrant; inside its 16x16 quadrant an object has a
-  random size (9-12 px) and offset, so two images of the same scene differ. The objects of a scene
-  are distinct (colour, shape) pairs.
-- Captions list the objects in a fixed order (reading order of the quadrants), one template per
-  object count: ``"a red circle at the top left."``, ``"a red circle at the top left and a blue
-  square at the bottom right."``, ``"a red circle at the top left, a blue square at the top right
-  and a green triangle at the bottom left."``
-- Questions, one ``question_type`` each, asked only when they have a single answer:
-  ``color``  "what color is the circle?" (the circle is the only circle)  -> a colour;
-  ``shape``  "what shape is the red object?" (the only red object)       -> circle/square/triangle;
-  ``count``  "how many objects are there?"                                -> "1", "2" or "3"
-  (digits: LAVIS's VQA scorer maps a predicted "two" to "2" but never rewrites ground truth);
-  ``yesno``  "is there a green triangle?" (yes for a present object, no for an absent pair, 50/50).
-
-Scenes and splits
------------------
-A scene key is the sorted tuple of (quadrant, colour, shape) objects; there are 21,492 keys. A fixed
-share of the keys of each object count (1 object: 6 keys, 2 objects: 5%, 3 objects: 3% per split) is
-held out for val and for test (disjoint); their images are drawn from those keys only (keys repeat,
-the rendering does not). Train images, the text corpus, the sentences and the QA triples are drawn
-from the remaining keys, so no val/test scene appears in any training text.
-
-Files under ``--out`` (paths in JSON files are relative to it)
---------------------------------------------------------------
-- ``images/{train,val,test}/<id>.png``; ids are global 6-digit numbers, train first.
-- ``captions_{split}.json``: ``[{"image": "images/train/000001.png", "caption", "image_id": "1"}]``
-  (image_id is the decimal id as a string: LAVIS's captioning task calls ``int()`` on it).
-- ``coco_gt_{val,test}.json``: COCO caption ground truth for pycocoevalcap (one caption per image).
-- ``vqa_{val,test}_questions.json`` / ``vqa_{val,test}_annotations.json``: VQAv2 format (10
-  identical answers; ``answer_type`` equals ``question_type`` so LAVIS's VQA task, which reports
-  accuracy per answer type, reports it per question type); ``vqa_{val,test}.json``: LAVIS's eval
-  list ``[{"question_id", "question", "image", "image_id", "answer": [a], "question_type"}]``;
-  question_id = 10 * image_id + index of the question type. ``vqa_answer_list.json``: all answers.
-- ``corpus.txt``: one text per line (default 40k): a caption, followed in ``qa_fraction`` of the
-  lines by one question-answer pair in the evaluation format, e.g.
-  ``a red circle at the top left. Question: what color is the circle? Short answer: red``: the answer
-  ends the text, as it ends BLIP-2 OPT's generation (at ``"\\n"``) at evaluation.
-  In ``context_fraction`` of the lines (default half) a context segment comes first: the caption,
-  ``</s>``, then the line again or its question-answer pair alone, e.g.
-  ``a red circle at the top left.</s>Question: what color is the circle? Short answer: red``. The
-  frozen LM learns from these to read text that stands before its bos, where BLIP-2 puts the soft
-  prompt (a pretrained OPT has that skill; a corpus of single captions would not teach it). (LAVIS's
-  ``blip_caption`` processor strips "." and ":"; load the corpus with a processor that keeps them if
-  the LM must see the exact evaluation prompt.)
-- ``qa_triples.jsonl``: ``{"caption", "question", "answer", "question_type"}`` for every pair in the
-  corpus (text only, for a stage-0 QA term); ``sentences.txt``: the caption of every corpus line.
-- ``images/vision/<id>.png`` and ``vision_{pretrain,val}.json`` (``[{"image", "objects": [[quadrant,
-  colour, shape], ...]}]``): ``n_vision`` unpaired images of training scenes with what each quadrant holds,
-  for pretraining the image encoder (``vision_pretrain.py``; BLIP-2's image encoder is pretrained and
-  frozen), and the val images' contents to check it. No caption is involved.
-- ``world.json``: vocabulary, colours' RGB, seed, sizes, counts, the held-out keys' counts and the
-  chance level (majority answer per question type; fractions, while LAVIS's VQA scorer reports
-  percent) on the test split (``chance``) and on val (``chance_val``).
-
-Every part uses its own random stream derived from the seed, so e.g. a different ``n_corpus`` leaves
-the images unchanged. Output is byte-identical for the same arguments and Pillow version.
+Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written. Every part uses its own
+random stream derived from the seed; output is byte-identical for the same arguments and Pillow version.
 """
-
 import argparse
 import itertools
 import json
@@ -79,6 +17,9 @@ import random
 from collections import Counter
 
 from PIL import Image, ImageDraw
+
+from lavis_pformer.synthetic.shapes_files import coco_gt, dump_json, vqa_files, write_images, write_lines
+from lavis_pformer.text import QA_PROMPT
 
 IMAGE_SIZE = 32
 BACKGROUND = (0, 0, 0)
@@ -103,7 +44,8 @@ SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("val", "test")
 # keys held out per eval split, by object count: an int is a number of keys, a float a share
 HELD_OUT = {1: 6, 2: 0.05, 3: 0.03}
-QA_FORMAT = "Question: {question} Short answer: {answer}"
+QA_FORMAT = QA_PROMPT.format("{question}") + " {answer}"  # "Question: {question} Short answer: {answer}"
+QUESTION_START = QA_PROMPT[: QA_PROMPT.index("{}")]  # "Question: "
 SEGMENT_SEP = "</s>"  # OPT's bos / eos: separates a corpus line's context segment from the text after it
 
 _CELL = IMAGE_SIZE // 2
@@ -207,8 +149,8 @@ def _with_context(lines, fraction, rng):
         if rng.random() >= fraction:
             out.append(line)
             continue
-        cap, sep, qa = line.partition(" Question: ")
-        second = "Question: " + qa if sep and rng.random() < 0.5 else line
+        cap, sep, qa = line.partition(" " + QUESTION_START)
+        second = QUESTION_START + qa if sep and rng.random() < 0.5 else line
         out.append(cap + SEGMENT_SEP + second)
     return out
 
@@ -245,151 +187,92 @@ def _chance(questions):
 
 
 # ---------------------------------------------------------------------------------------------
-# writing
+# generating
 # ---------------------------------------------------------------------------------------------
 
-def _dump(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-
-
-def _write_lines(path, lines):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def _coco_gt(split, seed, records):
-    return {
-        "info": {"description": f"shapes world captions, split {split}, seed {seed}", "version": "1.0"},
-        "licenses": [],
-        "type": "captions",
-        "images": [{"id": int(r["image_id"]), "file_name": r["image"]} for r in records],
-        "annotations": [
-            {"image_id": int(r["image_id"]), "caption": r["caption"], "id": i + 1}
-            for i, r in enumerate(records)
-        ],
-    }
-
-
-def _vqa_files(split, seed, questions):
-    info = {"description": f"shapes world VQA, split {split}, seed {seed}", "version": "1.0"}
-    licence = {"name": "generated", "url": ""}
-    qfile = {
-        "info": info, "task_type": "Open-Ended", "data_type": "shapes_world", "data_subtype": split,
-        "license": licence,
-        "questions": [
-            {"question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"]}
-            for q in questions
-        ],
-    }
-    afile = {
-        "info": info, "license": licence, "data_type": "shapes_world", "data_subtype": split,
-        "annotations": [
-            {
-                "question_id": q["question_id"],
-                "image_id": q["image_id"],
-                "question_type": q["question_type"],
-                "answer_type": q["question_type"],
-                "answers": [
-                    {"answer": q["answer"], "answer_confidence": "yes", "answer_id": j + 1}
-                    for j in range(10)
-                ],
-                "multiple_choice_answer": q["answer"],
-            }
-            for q in questions
-        ],
-    }
-    lavis_list = [
-        {
-            "question_id": q["question_id"], "question": q["question"], "image": q["image"],
-            "image_id": q["image_id"], "answer": [q["answer"]], "question_type": q["question_type"],
-        }
-        for q in questions
-    ]
-    return qfile, afile, lavis_list
-
-
-def _write_split_images(out_dir, split, records, images):
-    folder = os.path.join(out_dir, "images", split)
-    os.makedirs(folder, exist_ok=True)
-    keep = set()
-    for rec, img in zip(records, images):
-        name = os.path.basename(rec["image"])
-        keep.add(name)
-        img.save(os.path.join(folder, name), format="PNG")
-    for name in os.listdir(folder):  # images of an earlier, larger run
-        if name.endswith(".png") and name not in keep:
-            os.remove(os.path.join(folder, name))
-
-
-def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=40000, qa_fraction=0.9,
-             n_vision=4000, context_fraction=0.5):
-    """Write the shapes world under ``out_dir``; returns {name: absolute path}."""
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
+def _check_arguments(sizes, n_corpus, n_vision, qa_fraction, context_fraction):
     for name, n in list(sizes.items()) + [("corpus", n_corpus), ("vision", n_vision)]:
         if not isinstance(n, int) or n < (0 if name in ("corpus", "vision") else 1):
             raise ValueError(f"n_{name} must be an int >= {0 if name in ('corpus', 'vision') else 1}, got {n!r}")
     for name, value in (("qa_fraction", qa_fraction), ("context_fraction", context_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    pools = _split_keys(seed)
-    paths = {"root": out_dir}
 
-    def p(name):
-        paths[os.path.splitext(name)[0]] = os.path.join(out_dir, name)
-        return paths[os.path.splitext(name)[0]]
 
-    next_id, chance = 1, {}
-    all_questions = {}
+class _Files:
+    """The files written under ``root``, by name (their order is world.json's ``files`` order)."""
+
+    def __init__(self, root):
+        self.paths = {"root": root}
+
+    def path(self, name):
+        key = os.path.splitext(name)[0]
+        self.paths[key] = os.path.join(self.paths["root"], name)
+        return self.paths[key]
+
+
+def _draw_split(split, n, pool, first_id, rng):
+    """``n`` scenes of ``pool``: (caption records, images, questions (none for train), scene keys)."""
+    records, images, questions, keys = [], [], [], []
+    for image_id in range(first_id, first_id + n):
+        key = _draw_key(pool, rng)
+        rel = f"images/{split}/{image_id:06d}.png"
+        records.append({"image": rel, "caption": caption(key), "image_id": str(image_id)})
+        keys.append(key)
+        images.append(render(key, rng))
+        if split == "train":
+            continue
+        for t, qtype in enumerate(QUESTION_TYPES):
+            if qtype not in available_types(key):
+                continue
+            question, answer = make_question(key, qtype, rng)
+            questions.append({
+                "question_id": image_id * 10 + t, "image_id": image_id, "image": rel,
+                "question": question, "answer": answer, "question_type": qtype,
+            })
+    return records, images, questions, keys
+
+
+def _write_splits(files, seed, pools, sizes):
+    """Images, captions and (val, test) VQA files of the splits; returns ({split: questions}, the val images'
+    contents, the next free image id)."""
+    next_id, questions = 1, {}
     for split in SPLITS:
         rng = random.Random(f"shapes-world/{seed}/{split}")
         pool = pools["other" if split == "train" else split]
-        records, images, questions, keys = [], [], [], []
-        for _ in range(sizes[split]):
-            key = _draw_key(pool, rng)
-            image_id, next_id = next_id, next_id + 1
-            rel = f"images/{split}/{image_id:06d}.png"
-            records.append({"image": rel, "caption": caption(key), "image_id": str(image_id)})
-            keys.append(key)
-            images.append(render(key, rng))
-            if split == "train":
-                continue
-            for t, qtype in enumerate(QUESTION_TYPES):
-                if qtype not in available_types(key):
-                    continue
-                question, answer = make_question(key, qtype, rng)
-                questions.append({
-                    "question_id": image_id * 10 + t, "image_id": image_id, "image": rel,
-                    "question": question, "answer": answer, "question_type": qtype,
-                })
+        records, images, split_questions, keys = _draw_split(split, sizes[split], pool, next_id, rng)
+        next_id += sizes[split]
         if split == "val":
             val_objects = [{"image": r["image"], "objects": [list(o) for o in k]} for r, k in zip(records, keys)]
-        _write_split_images(out_dir, split, records, images)
-        _dump(p(f"captions_{split}.json"), records)
+        write_images(files.paths["root"], split, records, images)
+        dump_json(files.path(f"captions_{split}.json"), records)
         if split == "train":
             continue
-        _dump(p(f"coco_gt_{split}.json"), _coco_gt(split, seed, records))
-        qfile, afile, lavis_list = _vqa_files(split, seed, questions)
-        _dump(p(f"vqa_{split}_questions.json"), qfile)
-        _dump(p(f"vqa_{split}_annotations.json"), afile)
-        _dump(p(f"vqa_{split}.json"), lavis_list)
-        chance[split] = _chance(questions)
-        all_questions[split] = questions
-    _dump(p("vqa_answer_list.json"), [a for t in QUESTION_TYPES for a in ANSWERS[t]])
+        dump_json(files.path(f"coco_gt_{split}.json"), coco_gt(split, seed, records))
+        qfile, afile, lavis_list = vqa_files(split, seed, split_questions)
+        dump_json(files.path(f"vqa_{split}_questions.json"), qfile)
+        dump_json(files.path(f"vqa_{split}_annotations.json"), afile)
+        dump_json(files.path(f"vqa_{split}.json"), lavis_list)
+        questions[split] = split_questions
+    dump_json(files.path("vqa_answer_list.json"), [a for t in QUESTION_TYPES for a in ANSWERS[t]])
+    return questions, val_objects, next_id
 
+
+def _write_vision(files, seed, pools, n_vision, first_id, val_objects):
+    """``n_vision`` unpaired training-scene images with their contents, and the val images' contents."""
     rng = random.Random(f"shapes-world/{seed}/vision")
     vision, vision_images = [], []
-    for _ in range(n_vision):
+    for image_id in range(first_id, first_id + n_vision):
         key = _draw_key(pools["other"], rng)
-        image_id, next_id = next_id, next_id + 1
         vision.append({"image": f"images/vision/{image_id:06d}.png", "objects": [list(o) for o in key]})
         vision_images.append(render(key, rng))
-    _write_split_images(out_dir, "vision", vision, vision_images)
-    _dump(p("vision_pretrain.json"), vision)
-    _dump(p("vision_val.json"), val_objects)
+    write_images(files.paths["root"], "vision", vision, vision_images)
+    dump_json(files.path("vision_pretrain.json"), vision)
+    dump_json(files.path("vision_val.json"), val_objects)
 
+
+def _write_texts(files, seed, pools, n_corpus, qa_fraction, context_fraction):
+    """corpus.txt, sentences.txt and qa_triples.jsonl; returns (corpus lines, sentences, triples)."""
     rng = random.Random(f"shapes-world/{seed}/corpus")
     corpus, sentences, triples = [], [], []
     for _ in range(n_corpus):
@@ -404,14 +287,19 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
         triples.append(json.dumps({"caption": cap, "question": question, "answer": answer, "question_type": qtype}))
         corpus.append(cap + " " + QA_FORMAT.format(question=question, answer=answer))
     corpus = _with_context(corpus, context_fraction, random.Random(f"shapes-world/{seed}/context"))
-    _write_lines(p("corpus.txt"), corpus)
-    _write_lines(p("sentences.txt"), sentences)
-    _write_lines(p("qa_triples.jsonl"), triples)
+    write_lines(files.path("corpus.txt"), corpus)
+    write_lines(files.path("sentences.txt"), sentences)
+    write_lines(files.path("qa_triples.jsonl"), triples)
+    return corpus, sentences, triples
 
+
+def _world_json(files, seed, sizes, n_vision, qa_fraction, context_fraction, pools, questions, texts):
+    """world.json's content: the world's definition, sizes, counts, vocabulary and chance levels."""
+    corpus, sentences, triples = texts
     words = set()
     for line in corpus:
         words.update(line.replace(SEGMENT_SEP, " ").replace(",", " ").replace(".", " ").replace("?", " ").replace(":", " ").split())
-    world = {
+    return {
         "name": "shapes_world",
         "seed": seed,
         "image_size": IMAGE_SIZE,
@@ -431,10 +319,10 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
             "images": dict(sizes),
             "questions": {
                 s: {t: sum(q["question_type"] == t for q in qs) for t in QUESTION_TYPES}
-                for s, qs in all_questions.items()
+                for s, qs in questions.items()
             },
             "corpus_lines": len(corpus),
-            "corpus_lines_with_qa": sum("Question: " in line for line in corpus),
+            "corpus_lines_with_qa": sum(QUESTION_START in line for line in corpus),
             "corpus_lines_with_context": sum(SEGMENT_SEP in line for line in corpus),
             "qa_triples": len(triples),
             "sentences": len(sentences),
@@ -443,11 +331,27 @@ def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=4000
             },
         },
         "vocabulary": sorted(words),
-        "chance": chance["test"],
-        "chance_val": chance["val"],
-        "files": {k: os.path.relpath(v, out_dir) for k, v in paths.items() if k != "root"},
+        "chance": _chance(questions["test"]),
+        "chance_val": _chance(questions["val"]),
+        "files": {k: os.path.relpath(v, files.paths["root"]) for k, v in files.paths.items() if k != "root"},
     }
-    _dump(p("world.json"), world)
+
+
+def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=40000, qa_fraction=0.9,
+             n_vision=4000, context_fraction=0.5):
+    """Write the shapes world under ``out_dir``; returns {name: absolute path}."""
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    _check_arguments(sizes, n_corpus, n_vision, qa_fraction, context_fraction)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    pools = _split_keys(seed)
+    files = _Files(out_dir)
+    questions, val_objects, next_id = _write_splits(files, seed, pools, sizes)
+    _write_vision(files, seed, pools, n_vision, next_id, val_objects)
+    texts = _write_texts(files, seed, pools, n_corpus, qa_fraction, context_fraction)
+    world = _world_json(files, seed, sizes, n_vision, qa_fraction, context_fraction, pools, questions, texts)
+    dump_json(files.path("world.json"), world)
+    paths = files.paths
     paths["images"] = os.path.join(out_dir, "images")
     return paths
 

@@ -1,42 +1,14 @@
-"""A synthetic "video world" for the video captioning demo: clip features with structure, VATEX layout.
+"""A synthetic "video world" for video captioning: clip features with structure, in VATEX's layout.
 
 Command line::
 
-    python -m lavis_pformer.demo.video_world --out DIR [--seed 0] [--n-train 200] [--n-val 40]
+    python -m lavis_pformer.synthetic.video_world --out DIR [--seed 0] [--n-train 200] [--n-val 40]
         [--n-test 40] [--feat-dim 1024] [--min-clips 4] [--max-clips 12] [--captions-per-video 4]
         [--noise 0.1]
 
-Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written.
-
-The world
----------
-A video shows one shapes-world object (a colour of ``shapes_world.COLOURS`` and a shape of
-``shapes_world.SHAPES``) moving in one of four directions (left, right, up, down) across a unit square.
-It lasts 4-12 clips (``--min-clips`` / ``--max-clips``; uniform); the object starts at a random point
-and travels 0.4-0.7 of the square along its direction, at constant speed, clip by clip.
-
-Each clip is first described by a structured vector (``STRUCTURE`` lists the blocks, 32 values):
-colour one-hot (6) | shape one-hot (3) | position on a 4x4 grid, one-hot (16) | motion direction one-hot
-(4) | x, y in [0, 1] (2) | 1 (bias). The clip feature is that vector times a fixed random matrix
-[32, feat_dim] (N(0, 1/32), drawn once from the seed, the same for every split), plus Gaussian noise of
-std ``--noise``: I3D-like 1024-d vectors from which colour, shape and direction can be read linearly,
-and the motion also from the sequence of positions.
-
-Captions (``enCap``): ``captions_per_video`` distinct templates, in a per-video random order, e.g.
-``"a red circle moves to the left."``, ``"a red circle is moving to the left."``,
-``"the red circle slides to the left."``, ``"a red circle goes to the left."`` (directions: "to the
-left", "to the right", "up", "down").
-
-Files under ``--out``
----------------------
-- ``features/<videoID>.npy``: float32 [clips, feat_dim]; ``videoID`` is ``video%06d``, global, train first.
-- ``vatex_{train,val,test}.json``: VATEX's layout, ``[{"videoID": ..., "enCap": [captions]}]``.
-- ``sentences.txt``: every train caption, one per line (a text corpus for a stage-0 P-Former).
-- ``world.json``: the arguments, the structure blocks and the templates.
-
-Every split uses its own random stream derived from the seed (and the projection matrix its own), so a
-different ``n_train`` leaves the val/test videos' content unchanged (only their ids shift). Output is
-byte-identical for the same arguments.
+Python: ``generate(out_dir, seed=0, ...)`` returns a dict of the absolute paths written. A video shows one
+shapes-world object moving across a unit square; each clip's feature is a structured vector (colour, shape,
+position, direction) through a fixed random projection, plus noise. The world and its files: docs/data.md.
 """
 
 import argparse
@@ -46,7 +18,7 @@ import os
 
 import numpy as np
 
-from lavis_pformer.demo.shapes_world import COLOURS, SHAPES
+from lavis_pformer.synthetic.shapes_world import COLOURS, SHAPES
 
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
