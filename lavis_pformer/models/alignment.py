@@ -1,8 +1,10 @@
 """What stages 1 and 2 (and video) add to a LAVIS BLIP-2 model: the frozen P-Former teacher and ``loss_align``.
 
-``PFormerAlignmentMixin`` goes first in the bases, before ``BackboneMixin`` and the LAVIS class::
+``PFormerAlignmentMixin`` goes first in the bases, before the plugin's other mixins and the LAVIS class::
 
-    class Blip2OPTPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2OPT): ...
+    class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer): ...
+    class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin, BackboneMixin,
+                          Blip2OPT): ...
 
 The model's own ``forward`` stays LAVIS's: the mixin runs ``super().forward(samples)`` while a forward
 hook captures the FIRST output of one submodule (``alignment_source()``: ``Qformer.bert`` in stage 1,
