@@ -33,7 +33,6 @@ repeats its iterations since the last checkpoint (choose ``iters_per_inner_epoch
 """
 import logging
 import os
-import time
 import zlib
 from unittest import mock
 
@@ -45,12 +44,11 @@ import lavis.runners.runner_base as lavis_runner_base
 from lavis.common.dist_utils import get_rank, get_world_size
 from lavis.common.registry import registry
 from lavis.common.utils import is_url
-from lavis.datasets.datasets.dataloader_utils import IterLoader
 from lavis.runners.runner_iter import RunnerIter
 
 from lavis_pformer.errors import ConfigError, ResumeError
 from lavis_pformer.resume import check_resume_file, read_rng_states, set_rng_states
-from lavis_pformer.runtime import RunnerPFormer
+from lavis_pformer.runtime import RunnerPFormer, NoPauseIterLoader
 
 ITERS_FORMAT = "lavis_pformer/iter-checkpoint-v1"
 
@@ -69,21 +67,20 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[start:])
 
 
-class ResumableIterLoader(IterLoader):
+class ResumableIterLoader(NoPauseIterLoader):
     """LAVIS's ``IterLoader`` (endless batches, one data epoch after another) that knows its position: ``epoch`` and
     ``batches_in_epoch``; ``seek(n)`` puts it where it is after giving ``n`` batches.
 
-    Unlike LAVIS's, it sets the sampler's epoch on one process too, and it pauses at an epoch change only when
-    the DataLoader has worker processes.
+    Unlike LAVIS's, it sets the sampler's epoch on one process too.
     """
 
     def __init__(self, dataloader, use_distributed=False):
         # Not IterLoader.__init__, which creates the first iterator before the position is set.
         self._dataloader = dataloader
         self._use_distributed = use_distributed
-        self._start_epoch(0)
+        self.start_epoch(0)
 
-    def _start_epoch(self, epoch, skip_batches=0):
+    def start_epoch(self, epoch, skip_batches=0):
         self._epoch = epoch
         self.batches_in_epoch = skip_batches
         sampler = self._dataloader.sampler
@@ -98,20 +95,14 @@ class ResumableIterLoader(IterLoader):
         self.iter_loader = iter(self._dataloader)
 
     def __next__(self):
-        try:
-            data = next(self.iter_loader)
-        except StopIteration:
-            if self._dataloader.num_workers > 0:
-                time.sleep(2)  # LAVIS's pause between epochs, against deadlocks of worker processes
-            self._start_epoch(self._epoch + 1)
-            data = next(self.iter_loader)
+        data = super().__next__()
         self.batches_in_epoch += 1
         return data
 
     def seek(self, batches_done):
         """Continue as a loader that has given ``batches_done`` batches since data epoch 0 began."""
         per_epoch = len(self._dataloader)
-        self._start_epoch(batches_done // per_epoch, batches_done % per_epoch)
+        self.start_epoch(batches_done // per_epoch, batches_done % per_epoch)
 
 
 def _positive_int(run_cfg, key):

@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -159,19 +160,22 @@ def _start_epoch(loader, epoch):
     loader.iter_loader = iter(loader._dataloader)
 
 
-class _IterLoader(IterLoader):
+class NoPauseIterLoader(IterLoader):
     """LAVIS's ``IterLoader`` without its 2-second pause at each epoch change when the loader has no worker
     processes (the pause guards worker start-up; with ``num_workers: 0`` there is none, and tiny multi-epoch
     runs spent much of their time asleep)."""
 
     def __next__(self):
-        loader = getattr(self._dataloader, "loader", self._dataloader)  # a PrefetchLoader's DataLoader on GPUs
-        if getattr(loader, "num_workers", None) == 0:
-            try:
-                return next(self.iter_loader)
-            except StopIteration:
-                _start_epoch(self, self._epoch + 1)
-        return super().__next__()
+        try:
+            return next(self.iter_loader)
+        except StopIteration:
+            if self._dataloader.num_workers > 0:  # a PrefetchLoader forwards the attribute to its DataLoader
+                time.sleep(2)  # LAVIS's pause between epochs, against deadlocks of worker processes
+            self.start_epoch(self._epoch + 1)
+            return next(self.iter_loader)
+
+    def start_epoch(self, epoch):
+        _start_epoch(self, epoch)
 
 
 @registry.register_runner("runner_pformer")
@@ -205,7 +209,7 @@ class RunnerPFormer(RunnerBase):
                 self._wrapped_model = self._model
         return self._wrapped_model
 
-    iter_loader_class = _IterLoader  # the class that wraps the training loader (LAVIS: IterLoader)
+    iter_loader_class = NoPauseIterLoader  # the class that wraps the training loader (LAVIS: IterLoader)
 
     def create_loaders(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:

@@ -4,7 +4,7 @@ from torch.utils.data import DataLoader
 
 import lavis.datasets.datasets.dataloader_utils as lavis_loaders
 
-from lavis_pformer.runtime import _IterLoader
+from lavis_pformer.runtime import NoPauseIterLoader
 
 
 def _batches(loader, n):
@@ -14,7 +14,7 @@ def _batches(loader, n):
 def test_epoch_change_without_pause_same_order_as_lavis(monkeypatch):
     data = torch.arange(10)
     torch.manual_seed(0)
-    ours = _IterLoader(DataLoader(data, batch_size=4, shuffle=True, drop_last=True), use_distributed=False)
+    ours = NoPauseIterLoader(DataLoader(data, batch_size=4, shuffle=True, drop_last=True), use_distributed=False)
 
     def no_sleep(seconds):
         raise AssertionError(f"slept {seconds}s at an epoch change of a loader without workers")
@@ -32,6 +32,6 @@ def test_epoch_change_without_pause_same_order_as_lavis(monkeypatch):
 def test_loader_with_workers_keeps_lavis_pause(monkeypatch):
     slept = []
     monkeypatch.setattr(lavis_loaders.time, "sleep", slept.append)
-    loader = _IterLoader(DataLoader(torch.arange(4), batch_size=2, num_workers=1), use_distributed=False)
+    loader = NoPauseIterLoader(DataLoader(torch.arange(4), batch_size=2, num_workers=1), use_distributed=False)
     assert _batches(loader, 3) == [[0, 1], [2, 3], [0, 1]]
     assert slept == [2]

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-import lavis_pformer.runner_iter as runner_iter
+import lavis_pformer.runtime as runtime
 from lavis_pformer.errors import ConfigError
 from lavis_pformer.runner_iter import ResumableIterLoader, ResumableSampler, RunnerIterPFormer
 
@@ -39,7 +39,7 @@ def loader(rank, workers=0, n=23, batch=3):
 @pytest.fixture
 def sleeps(monkeypatch):
     calls = []
-    monkeypatch.setattr(runner_iter.time, "sleep", calls.append)
+    monkeypatch.setattr(runtime.time, "sleep", calls.append)  # the pause of NoPauseIterLoader
     return calls
 
 
