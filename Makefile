@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := output/tiny
 
-.PHONY: install test demo demo-backbones tiny-chain ablation tiny clean
+.PHONY: install test demo demo-backbones tiny-chain ablation paper tiny clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ tiny-chain: tiny
 ABLATION_ARGS ?= --shared output/demo
 ablation: install
 	$(PY) -m lavis_pformer.demo.pipeline --ablation --seeds 0,1,2 --out output/ablation $(ABLATION_ARGS)
+
+# Every claim of the paper in miniature over 3 worlds (docs/paper.md): Tables 1, 2, 6 and the out-of-domain test
+# by default; PAPER_ARGS="--tables all" adds Tables 4, 5 and 7, "--reuse" keeps runs finished before an interruption.
+PAPER_ARGS ?=
+paper: install
+	$(PY) -m lavis_pformer.demo.paper --out output/paper $(PAPER_ARGS)
 
 clean:
 	rm -rf output

@@ -190,7 +190,7 @@ def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "prepare", fake_prepare)
     monkeypatch.setattr(run_configs, "subset", lambda src, dst, n: dst)
     monkeypatch.setattr(run_configs, "repeated_pairs", lambda world, data, repeat: "pairs.json")
-    monkeypatch.setattr(pipeline, "run_jobs", lambda jobs, parallel, threads: ran.extend(jobs) or {})
+    monkeypatch.setattr(pipeline, "run_jobs", lambda jobs, parallel, threads, **kw: ran.extend(jobs) or {})
     monkeypatch.setattr(report, "chain_metrics", lambda ctx, chain: {"vqa_acc": chain["w1"] + chain["w2"]})
     monkeypatch.setattr(report, "write_ablation_report",
                         lambda out, cells, seeds, scale: cells_seen.update(cells) or {"table": ""})
@@ -200,7 +200,7 @@ def test_ablation_runs_the_table4_grid_and_shares_stage1(tmp_path, monkeypatch):
     for job in ran:
         assert set(job.after) <= names  # every dependency is a job of the plan
     for seed in (0, 1):
-        mine = {j.name.split("/", 1)[1]: yaml.safe_load(open(j.cfg_path)) for j in ran
+        mine = {j.name.split("/", 1)[1]: yaml.safe_load(open(j.args[-1])) for j in ran
                 if j.name.startswith(f"seed{seed}/")}
         stage0 = {n: c for n, c in mine.items() if n.endswith("_stage0")}
         stage1 = {n: c for n, c in mine.items() if n.endswith("_stage1")}

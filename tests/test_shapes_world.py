@@ -254,3 +254,41 @@ def test_cli_and_argument_checks(tmp_path, capsys):
         sw.generate(str(tmp_path / "x"), n_train=0)
     with pytest.raises(ValueError, match="qa_fraction"):
         sw.generate(str(tmp_path / "x"), qa_fraction=1.5)
+
+
+def _pairs(caption):
+    return {(c, s) for c, s, _ in OBJ.findall(caption)}
+
+
+def test_held_out_pairs_stay_out_of_every_paired_split_and_in_the_unpaired_data(worlds, tmp_path):
+    held_paths = sw.generate(str(tmp_path / "held"), seed=0, held_out_pairs=3, **SMALL)
+    world = _load(held_paths, "world")
+    held = {tuple(p) for p in world["held_out_pairs"]}
+    assert held == set(sw.choose_held_out_pairs(0, 3)) and len(held) == 3
+    assert len({c for c, _ in held}) == 3 and {s for _, s in held} == set(sw.SHAPES)  # one per colour and shape
+    for split in ("train", "val", "test"):
+        captions = [r["caption"] for r in _load(held_paths, f"captions_{split}")]
+        assert captions and not any(_pairs(c) & held for c in captions), split
+    ood = [r["caption"] for r in _load(held_paths, "captions_test_ood")]
+    assert len(ood) == SMALL["n_test"] and all(_pairs(c) & held for c in ood)
+    assert world["splits"]["test_ood"] == SMALL["n_test"] and "overall" in world["chance_test_ood"]
+    assert world["counts"]["questions"]["test_ood"]["count"] == SMALL["n_test"]
+    # the unpaired text and images are the same as without held-out pairs, and they hold the held-out pairs
+    plain = worlds["a"]
+    for name in ("corpus", "sentences", "qa_triples", "vision_pretrain"):
+        assert open(held_paths[name], "rb").read() == open(plain[name], "rb").read(), name
+    corpus_pairs = set().union(*(_pairs(line) for line in _lines(held_paths, "sentences")))
+    assert corpus_pairs & held
+    # the out-of-domain images are ids after the unpaired images and VQAv2 files exist for them
+    first_ood = int(_load(held_paths, "captions_test_ood")[0]["image_id"])
+    assert first_ood == 1 + sum(SMALL[f"n_{s}"] for s in ("train", "val", "test")) + SMALL["n_vision"]
+    for name in ("vqa_test_ood", "vqa_test_ood_questions", "vqa_test_ood_annotations", "coco_gt_test_ood"):
+        assert os.path.isfile(held_paths[name]), name
+    with pytest.raises(ValueError, match="held_out_pairs"):
+        sw.generate(str(tmp_path / "bad"), seed=0, held_out_pairs=4, **SMALL)
+
+
+def test_without_held_out_pairs_the_world_has_no_out_of_domain_split(worlds):
+    world = _load(worlds["a"], "world")
+    assert "held_out_pairs" not in world and "test_ood" not in world["splits"]
+    assert not os.path.exists(os.path.join(worlds["a"]["root"], "captions_test_ood.json"))

@@ -203,7 +203,7 @@ class LocalVQABuilder(_LocalImageTextBuilder):
     """VQA evaluation data from local files (docs/data.md)."""
 
     NAME = "local_vqa"
-    SPLITS = ("val", "test")
+    TRAIN = False
     eval_dataset_cls = LocalVQAEvalDataset
 
     def build(self):

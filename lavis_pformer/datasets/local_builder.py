@@ -5,6 +5,7 @@ cache root; these builders never download (their ``build()`` checks the paths an
 file instead), and a run config only overrides what differs from the builder's default yaml.
 """
 import os
+import re
 
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder, load_dataset_config
 from omegaconf import OmegaConf
@@ -18,12 +19,13 @@ DATASET_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 class LocalDatasetBuilder(BaseDatasetBuilder):
     """A builder whose config is merged over its default yaml and whose data are never downloaded.
 
-    ``NAME`` is the builder's registered name (its default config is ``configs/datasets/<NAME>.yaml``),
-    ``SPLITS`` the splits its ``build_info.annotations`` may give.
+    ``NAME`` is the builder's registered name (its default config is ``configs/datasets/<NAME>.yaml``);
+    ``TRAIN`` whether its ``build_info.annotations`` may give a ``train`` split. Every other split name (letters,
+    digits, ``_``: ``val``, ``test``, ``test_ood``...) is an evaluation split.
     """
 
     NAME = None
-    SPLITS = ("train", "val", "test")
+    TRAIN = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -55,16 +57,15 @@ class LocalDatasetBuilder(BaseDatasetBuilder):
     def _splits(self):
         annotations = self.config.build_info.get("annotations") or {}
         splits = {}
+        examples = ("train, " if self.TRAIN else "") + "val, test"
         for split, info in annotations.items():
-            if split not in self.SPLITS:
+            if (split == "train" and not self.TRAIN) or not re.fullmatch(r"\w+", str(split)):
                 raise ConfigError(
                     f"{self._key('annotations', split)}: unknown split; {self.NAME} takes "
-                    f"{list(self.SPLITS)}."
+                    + ("a train split and " if self.TRAIN else "")
+                    + f"evaluation splits named with letters, digits and _ (e.g. {examples})."
                 )
             splits[split] = info
         if not splits:
-            raise ConfigError(
-                f"set {self._key('annotations')}.<split>.storage for at least one of "
-                f"{list(self.SPLITS)}."
-            )
+            raise ConfigError(f"set {self._key('annotations')}.<split>.storage for at least one split (e.g. {examples}).")
         return splits

@@ -123,6 +123,15 @@ def build(out, recipe=RECIPE, work=None, threads=None, device="cpu", log=print):
     return manifest
 
 
+def has_recipe(folder, recipe):
+    """Whether ``folder`` holds backbones whose manifest records ``recipe`` (their files are not checked)."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("recipe") == json.loads(json.dumps(recipe))
+
+
 def verify(folder, recipe=None):
     """The manifest of ``folder`` after checking every file's sha256 (and the recipe, if given)."""
     fix = "rebuild them with `make demo-backbones` (or run the demo with --rebuild-backbones)"
@@ -151,8 +160,17 @@ def main(argv=None):
     ap.add_argument("--work", default="output/demo-backbones", help="scratch folder for the world and reports")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the available cores)")
     ap.add_argument("--device", default="cpu", help="torch device of the LM and ViT training")
+    ap.add_argument("--recipe", default=None, help="a JSON file holding the recipe (default: the committed one)")
+    ap.add_argument("--world-seed", type=int, default=None,
+                    help="the world's seed, replacing the recipe's (the committed recipe has 0)")
     args = ap.parse_args(argv)
-    build(args.out, work=args.work, threads=args.threads, device=args.device)
+    recipe = RECIPE
+    if args.recipe:
+        with open(args.recipe, encoding="utf-8") as f:
+            recipe = json.load(f)
+    if args.world_seed is not None:
+        recipe = dict(copy.deepcopy(recipe), seed=args.world_seed)
+    build(args.out, recipe, work=args.work, threads=args.threads, device=args.device)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ docs/demo.md.
 """
 import argparse
 import copy
+import json
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ import time
 import yaml
 
 from lavis_pformer.demo import frozen_backbones
-from lavis_pformer.demo.run_configs import caption_cfg, stage0_cfg, stage1_cfg, stage2_cfg, vqa_cfg
+from lavis_pformer.demo.run_configs import caption_cfg, stage0_cfg, stage0_data, stage1_cfg, stage2_cfg, vqa_cfg
 from lavis_pformer.demo.scheduler import Job, log, run_jobs
 from lavis_pformer.synthetic.shapes_world import generate
 
@@ -90,11 +91,20 @@ def timed(times, name, fn, *args, **kwargs):
 # world and backbones
 # ---------------------------------------------------------------------------------------------
 
-def build_world(out, recipe):
-    if os.path.exists(os.path.join(out, "world.json")):
-        log(f"world exists: {out} (reused)")
-    else:
-        generate(out, seed=recipe["seed"], **recipe["world"])
+def build_world(out, recipe, **options):
+    """The shapes world of ``recipe`` (and ``generate``'s ``options``) under ``out``; one already there is reused
+    when it has the same seed and splits."""
+    path = os.path.join(out, "world.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            world = json.load(f)
+        same = (world["seed"] == recipe["seed"]
+                and all(world["splits"].get(s) == recipe["world"][f"n_{s}"] for s in ("train", "val", "test"))
+                and len(world.get("held_out_pairs", [])) == options.get("held_out_pairs", 0))
+        if same:
+            log(f"world exists: {out} (reused)")
+            return out
+    generate(out, seed=recipe["seed"], **recipe["world"], **options)
     return out
 
 
@@ -106,7 +116,7 @@ def backbones(shared, scale, rebuild=False):
         folder = frozen_backbones.COMMITTED
     else:
         folder = os.path.join(shared, "backbones")
-        if rebuild or not os.path.exists(os.path.join(folder, frozen_backbones.MANIFEST)):
+        if rebuild or not frozen_backbones.has_recipe(folder, recipe):
             frozen_backbones.build(folder, recipe, work=shared, threads=scale["threads"],
                                    device=scale["device"], log=log)
     manifest = frozen_backbones.verify(folder, recipe)
@@ -118,13 +128,15 @@ def backbones(shared, scale, rebuild=False):
 # jobs
 # ---------------------------------------------------------------------------------------------
 
-def write_config(ctx, script, name, cfg, after=()):
-    """``<configs>/<name>.yaml`` (rerun it with ``python <script> --cfg-path <it>``); returns its Job."""
+def write_config(ctx, script, name, cfg, after=(), cost=None):
+    """``<configs>/<name>.yaml`` (rerun it with ``python <script> --cfg-path <it>``); returns its Job (``cost``:
+    see ``scheduler.Job``)."""
     path = os.path.join(ctx["configs"], f"{name}.yaml")
     with open(path, "w") as f:
         f.write(f"# written by lavis_pformer.demo.pipeline; rerun: python {script} --cfg-path {path}\n")
         yaml.safe_dump(cfg, f, sort_keys=False)
-    return Job(name, script, path, os.path.join(ctx["logs"], f"{name}.log"), cfg["run"]["output_dir"], after)
+    return Job(name, [script, "--cfg-path", path], os.path.join(ctx["logs"], f"{name}.log"), cfg["run"]["output_dir"],
+               after, cost)
 
 
 def chain_jobs(ctx, tag, stage0, w1, w2, stage1_runs):
@@ -154,6 +166,8 @@ def scale_with_overrides(args):
     """SCALES[args.scale] with the command line's overrides applied."""
     scale = copy.deepcopy(SCALES[args.scale])
     scale["recipe"] = SCALES[args.scale]["recipe"]  # identity marks the committed recipe
+    if getattr(args, "world_seed", 0):  # another world: its own backbones, built under the output folder
+        scale["recipe"] = dict(copy.deepcopy(scale["recipe"]), seed=args.world_seed)
     for flag, (part, key) in {"stage0_lines": ("stage0", "lines"), "stage0_epochs": ("stage0", "epochs"),
                               "qa_weight": ("stage0", "qa_weight"),
                               "stage1_epochs": ("stage1", "epochs"), "stage2_epochs": ("stage2", "epochs"),
@@ -188,7 +202,8 @@ def demo_jobs(ctx, arms):
         stage0 = None
         if arm != "baseline":
             stage0 = f"{arm}_stage0"
-            jobs.append(write_config(ctx, "train.py", stage0, stage0_cfg(ctx, stage0, arm == "pformer_qa")))
+            qa = arm == "pformer_qa"
+            jobs.append(write_config(ctx, "train.py", stage0, stage0_cfg(ctx, stage0, stage0_data(ctx, qa), qa)))
         w1, w2 = (0, 0) if arm == "baseline" else (W1, W2)
         chain_job_list, chains[arm] = chain_jobs(ctx, arm, stage0, w1, w2, stage1_runs)
         jobs += chain_job_list
@@ -232,7 +247,7 @@ def run_ablation(args):
         seed_jobs, stage1_runs = [], {}
         for variant, qa in (("pformer", False), ("pformer_qa", True)):
             seed_jobs.append(write_config(ctx, "train.py", f"{variant}_stage0",
-                                          stage0_cfg(ctx, f"{variant}_stage0", qa)))
+                                          stage0_cfg(ctx, f"{variant}_stage0", stage0_data(ctx, qa), qa)))
         for w1, w2 in GRID:
             for variant in (["pformer", "pformer_qa"] if (w1, w2) != (0, 0) else ["pformer"]):
                 chain_job_list, chain = chain_jobs(ctx, f"{variant}_w{w1}_{w2}", f"{variant}_stage0", w1, w2,
@@ -262,7 +277,10 @@ def run_ablation(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default output/demo, or output/ablation)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every run (the world's and backbones' are fixed)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every run (the world's is --world-seed)")
+    ap.add_argument("--world-seed", type=int, default=0,
+                    help="seed of the world and of its frozen backbones (0: the committed ones; another seed builds "
+                         "its own under --out, about 10 minutes)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--scale", default="cpu", choices=sorted(SCALES))
     ap.add_argument("--smoke", action="store_true", help="same as --scale smoke (seconds-long runs, for tests)")

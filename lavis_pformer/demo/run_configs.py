@@ -44,12 +44,24 @@ def _train_sched(stage, log_freq=10):
                 train_splits=["train"])
 
 
-def _vision(ctx):
+# The registered models of each frozen LLM: stage 0, stage 2 (and its inference), and the LLM's config key.
+LLMS = {
+    "opt": {"stage0": "pformer_opt", "stage2": "blip2_opt_pformer", "key": "opt_model", "ctx": "lm"},
+    "t5": {"stage0": "pformer_t5", "stage2": "blip2_t5_pformer", "key": "t5_model", "ctx": "t5"},
+}
+
+
+def _llm(ctx, llm):
+    """{<llm key>: the frozen LLM's folder, "llm_precision": "fp32"}."""
+    return {LLMS[llm]["key"]: ctx[LLMS[llm]["ctx"]], "llm_precision": "fp32"}
+
+
+def _vision(ctx, llm="opt"):
     """Model keys every image stage shares: the frozen backbones and the Q-Former's shape."""
     vit = dict(ctx["recipe"]["vit"]["config"], checkpoint=ctx["vit"])
     return dict(vit_model="custom_vit", vit_config=vit, image_size=32, vit_precision="fp32", freeze_vit=True,
                 bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], cross_attention_freq=1,
-                opt_model=ctx["lm"], llm_precision="fp32")
+                **_llm(ctx, llm))
 
 
 def _caption_data(ctx, splits=("train",), storage=None):
@@ -70,16 +82,24 @@ def run_dir(ctx, name):
     return os.path.join(ctx["runs"], name, "latest")
 
 
-def stage0_cfg(ctx, name, qa):
-    s0 = ctx["scale"]["stage0"]
+def stage0_data(ctx, qa):
+    """The demo's stage-0 text: the first ``stage0.lines`` lines of the world's sentences (or, for the QA term,
+    of its (caption, question, answer) triples)."""
+    lines = ctx["scale"]["stage0"]["lines"]
     src = "qa_triples.jsonl" if qa else "sentences.txt"
-    data = subset(os.path.join(ctx["world"], src),
-                  os.path.join(ctx["data"], f"stage0_{'qa' if qa else 'sent'}_{s0['lines']}"
-                               + (".jsonl" if qa else ".txt")), s0["lines"])
-    model = {"arch": "pformer_opt", "model_type": "tiny", "bert_model": ctx["bert"], "opt_model": ctx["lm"],
-             "llm_precision": "fp32", "num_query_token": ctx["scale"]["num_query_token"], "max_txt_len": 32,
-             "embed_dim": 64, "mask_prob": 0.25, "lm_weight": 1.0, "contrastive_weight": 1.0, "vq_weight": 1.0,
-             "label_smoothing": 0.1, "qa_weight": s0["qa_weight"] if qa else 0.0}
+    return subset(os.path.join(ctx["world"], src),
+                  os.path.join(ctx["data"], f"stage0_{'qa' if qa else 'sent'}_{lines}" + (".jsonl" if qa else ".txt")),
+                  lines)
+
+
+def stage0_cfg(ctx, name, data, qa=False, llm="opt"):
+    """Stage 0 on the text file ``data`` (sentences, or QA triples with ``qa``) against the frozen ``llm``."""
+    s0 = ctx["scale"]["stage0"]
+    noise = dict(mask_prob=0.25, vq_weight=1.0) if llm == "opt" else dict(mask_prob=0.0, vq_weight=0.0)
+    model = {"arch": LLMS[llm]["stage0"], "model_type": "tiny", "bert_model": ctx["bert"], **_llm(ctx, llm),
+             "num_query_token": ctx["scale"]["num_query_token"], "max_txt_len": 32, "embed_dim": 64,
+             "lm_weight": 1.0, "contrastive_weight": 1.0, "label_smoothing": 0.1,
+             "qa_weight": s0["qa_weight"] if qa else 0.0, **noise}
     return {"model": model,
             "datasets": {"sentence_corpus": {"build_info": {"annotations": {"train": {"storage": data}}}}},
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "pformer_pretrain", **_train_sched(s0))}
@@ -96,22 +116,25 @@ def stage1_cfg(ctx, name, w1, stage0):
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s1))}
 
 
-def stage2_cfg(ctx, name, w2, stage0, stage1):
-    s2 = ctx["scale"]["stage2"]
-    model = dict(arch="blip2_opt_pformer", model_type="tiny", max_txt_len=32, alignment_weight=w2, prompt="",
-                 pretrained=os.path.join(run_dir(ctx, stage1), "checkpoint_last.pth"),
-                 pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w2 else "", **_vision(ctx))
+def stage2_cfg(ctx, name, w2, stage0, stage1, llm="opt", pretrained=None, stage=None):
+    """Stage 2 (LM loss + ``w2`` x alignment to ``stage0``'s teacher) from ``stage1``'s last checkpoint; with
+    ``pretrained`` (a checkpoint path) and ``stage`` (budget) instead, e.g. caption fine-tuning."""
+    s2 = stage or ctx["scale"]["stage2"]
+    model = dict(arch=LLMS[llm]["stage2"], model_type="tiny", max_txt_len=32, alignment_weight=w2, prompt="",
+                 pretrained=pretrained or os.path.join(run_dir(ctx, stage1), "checkpoint_last.pth"),
+                 pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w2 else "",
+                 **_vision(ctx, llm))
     pairs = repeated_pairs(ctx["world"], ctx["data"], s2["repeat"])
     return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s2))}
 
 
-def _eval_model(ctx, stage2):
-    return dict(arch="blip2_opt_pformer", model_type="tiny", load_finetuned=True,
-                finetuned=os.path.join(run_dir(ctx, stage2), "checkpoint_last.pth"), **_vision(ctx))
+def _eval_model(ctx, trained, llm="opt"):
+    return dict(arch=LLMS[llm]["stage2"], model_type="tiny", load_finetuned=True,
+                finetuned=os.path.join(run_dir(ctx, trained), "checkpoint_last.pth"), **_vision(ctx, llm))
 
 
-def vqa_cfg(ctx, name, stage2, splits=("val", "test")):
+def vqa_cfg(ctx, name, stage2, splits=("val", "test"), llm="opt"):
     world, ev = ctx["world"], ctx["scale"]["eval"]
     ann = {s: {"storage": os.path.join(world, f"vqa_{s}.json"),
                "question_file": os.path.join(world, f"vqa_{s}_questions.json"),
@@ -119,14 +142,14 @@ def vqa_cfg(ctx, name, stage2, splits=("val", "test")):
     run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "vqa", batch_size_train=ev["batch"],
                    batch_size_eval=ev["batch"], max_len=ev["vqa_max_len"], min_len=1, num_beams=ev["num_beams"],
                    inference_method="generate", prompt=QA_PROMPT, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, stage2),
+    return {"model": _eval_model(ctx, stage2, llm),
             "datasets": {"local_vqa": {"build_info": {"images": {"storage": world}, "annotations": ann}}},
             "run": run}
 
 
-def caption_cfg(ctx, name, stage2, splits=("val", "test")):
+def caption_cfg(ctx, name, trained, splits=("val", "test")):
     ev = ctx["scale"]["eval"]
     run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "captioning_pformer", batch_size_train=ev["batch"],
                    batch_size_eval=ev["batch"], max_len=ev["cap_max_len"], min_len=1, num_beams=ev["num_beams"],
                    caption_spice=False, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, stage2), "datasets": _caption_data(ctx, splits), "run": run}
+    return {"model": _eval_model(ctx, trained), "datasets": _caption_data(ctx, splits), "run": run}

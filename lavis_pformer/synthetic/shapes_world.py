@@ -42,6 +42,7 @@ ANSWERS = {
 }
 SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("val", "test")
+OOD_SPLIT = "test_ood"  # scenes with a held-out (colour, shape) pair (``held_out_pairs`` > 0)
 # keys held out per eval split, by object count: an int is a number of keys, a float a share
 HELD_OUT = {1: 6, 2: 0.05, 3: 0.03}
 QA_FORMAT = QA_PROMPT.format("{question}") + " {answer}"  # "Question: {question} Short answer: {answer}"
@@ -168,7 +169,33 @@ def _split_keys(seed):
 
 
 def _draw_key(pool, rng):
-    return rng.choice(pool[rng.randint(1, 3)])
+    """A key of ``pool`` ({n: keys}): the object count uniform over the counts present, then a key."""
+    counts = sorted(pool)
+    n = rng.randint(1, 3) if counts == [1, 2, 3] else rng.choice(counts)
+    return rng.choice(pool[n])
+
+
+def choose_held_out_pairs(seed, n):
+    """``n`` (colour, shape) pairs (at most one per colour and per shape, so that every colour and every shape
+    still appears in paired data), chosen by the seed; sorted."""
+    if not 0 <= n <= len(SHAPES):
+        raise ValueError(f"held_out_pairs must be an int in 0..{len(SHAPES)}, got {n!r}")
+    rng = random.Random(f"shapes-world/{seed}/held-out-pairs")
+    colours = rng.sample(list(COLOURS), n)
+    shapes = rng.sample(list(SHAPES), n)
+    return sorted(zip(colours, shapes))
+
+
+def has_pair(key, pairs):
+    """Whether scene ``key`` holds one of the (colour, shape) ``pairs``."""
+    return any((c, s) in pairs for _, c, s in key)
+
+
+def _filter_pool(pool, pairs, keep_with):
+    """The keys of ``pool`` ({n: keys}) that hold one of ``pairs`` (``keep_with``) or none of them; object
+    counts left without keys are dropped."""
+    out = {n: [k for k in keys if has_pair(k, pairs) == keep_with] for n, keys in pool.items()}
+    return {n: keys for n, keys in out.items() if keys}
 
 
 def _chance(questions):
@@ -233,27 +260,33 @@ def _draw_split(split, n, pool, first_id, rng):
     return records, images, questions, keys
 
 
+def _write_split(files, seed, split, n, pool, first_id):
+    """Images, captions and (for an eval split) the VQA files of one split; returns (questions, records, keys)."""
+    rng = random.Random(f"shapes-world/{seed}/{split}")
+    records, images, questions, keys = _draw_split(split, n, pool, first_id, rng)
+    write_images(files.paths["root"], split, records, images)
+    dump_json(files.path(f"captions_{split}.json"), records)
+    if split != "train":
+        dump_json(files.path(f"coco_gt_{split}.json"), coco_gt(split, seed, records))
+        qfile, afile, lavis_list = vqa_files(split, seed, questions)
+        dump_json(files.path(f"vqa_{split}_questions.json"), qfile)
+        dump_json(files.path(f"vqa_{split}_annotations.json"), afile)
+        dump_json(files.path(f"vqa_{split}.json"), lavis_list)
+    return questions, records, keys
+
+
 def _write_splits(files, seed, pools, sizes):
     """Images, captions and (val, test) VQA files of the splits; returns ({split: questions}, the val images'
     contents, the next free image id)."""
     next_id, questions = 1, {}
     for split in SPLITS:
-        rng = random.Random(f"shapes-world/{seed}/{split}")
         pool = pools["other" if split == "train" else split]
-        records, images, split_questions, keys = _draw_split(split, sizes[split], pool, next_id, rng)
+        split_questions, records, keys = _write_split(files, seed, split, sizes[split], pool, next_id)
         next_id += sizes[split]
         if split == "val":
             val_objects = [{"image": r["image"], "objects": [list(o) for o in k]} for r, k in zip(records, keys)]
-        write_images(files.paths["root"], split, records, images)
-        dump_json(files.path(f"captions_{split}.json"), records)
-        if split == "train":
-            continue
-        dump_json(files.path(f"coco_gt_{split}.json"), coco_gt(split, seed, records))
-        qfile, afile, lavis_list = vqa_files(split, seed, split_questions)
-        dump_json(files.path(f"vqa_{split}_questions.json"), qfile)
-        dump_json(files.path(f"vqa_{split}_annotations.json"), afile)
-        dump_json(files.path(f"vqa_{split}.json"), lavis_list)
-        questions[split] = split_questions
+        if split != "train":
+            questions[split] = split_questions
     dump_json(files.path("vqa_answer_list.json"), [a for t in QUESTION_TYPES for a in ANSWERS[t]])
     return questions, val_objects, next_id
 
@@ -338,18 +371,36 @@ def _world_json(files, seed, sizes, n_vision, qa_fraction, context_fraction, poo
 
 
 def generate(out_dir, seed=0, n_train=1000, n_val=200, n_test=200, n_corpus=40000, qa_fraction=0.9,
-             n_vision=4000, context_fraction=0.5):
-    """Write the shapes world under ``out_dir``; returns {name: absolute path}."""
+             n_vision=4000, context_fraction=0.5, held_out_pairs=0, n_test_ood=None):
+    """Write the shapes world under ``out_dir``; returns {name: absolute path}.
+
+    ``held_out_pairs`` > 0 keeps that many (colour, shape) pairs (``choose_held_out_pairs``) out of every
+    paired split (train, val, test) while the text corpus and the unpaired images still hold them, and writes
+    an out-of-domain split ``test_ood`` (``n_test_ood`` images, default ``n_test``) of held-out test scenes
+    that each hold at least one of them. With 0 (the default) the world is the demo's, byte for byte.
+    """
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     _check_arguments(sizes, n_corpus, n_vision, qa_fraction, context_fraction)
+    held = choose_held_out_pairs(seed, held_out_pairs)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     pools = _split_keys(seed)
+    paired = {name: _filter_pool(pool, held, keep_with=False) for name, pool in pools.items()}
     files = _Files(out_dir)
-    questions, val_objects, next_id = _write_splits(files, seed, pools, sizes)
+    questions, val_objects, next_id = _write_splits(files, seed, paired, sizes)
     _write_vision(files, seed, pools, n_vision, next_id, val_objects)
     texts = _write_texts(files, seed, pools, n_corpus, qa_fraction, context_fraction)
-    world = _world_json(files, seed, sizes, n_vision, qa_fraction, context_fraction, pools, questions, texts)
+    counted = pools
+    if held:
+        sizes[OOD_SPLIT] = n_test if n_test_ood is None else n_test_ood
+        ood_pool = _filter_pool(pools["test"], held, keep_with=True)
+        questions[OOD_SPLIT], _, _ = _write_split(files, seed, OOD_SPLIT, sizes[OOD_SPLIT], ood_pool,
+                                                  next_id + n_vision)
+        counted = dict(paired, test_ood=ood_pool)
+    world = _world_json(files, seed, sizes, n_vision, qa_fraction, context_fraction, counted, questions, texts)
+    if held:
+        world["held_out_pairs"] = [list(p) for p in held]
+        world["chance_test_ood"] = _chance(questions[OOD_SPLIT])
     dump_json(files.path("world.json"), world)
     paths = files.paths
     paths["images"] = os.path.join(out_dir, "images")
@@ -369,10 +420,14 @@ def main(argv=None):
                     help="share of corpus lines carrying question-answer pairs (default 0.9)")
     ap.add_argument("--context-fraction", type=float, default=0.5,
                     help="share of corpus lines with a context segment before </s> (default 0.5)")
+    ap.add_argument("--held-out-pairs", type=int, default=0,
+                    help="(colour, shape) pairs kept out of the paired splits, for an out-of-domain test split")
+    ap.add_argument("--n-test-ood", type=int, default=None, help="out-of-domain test images (default --n-test)")
     args = ap.parse_args(argv)
     paths = generate(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                      n_test=args.n_test, n_corpus=args.n_corpus, qa_fraction=args.qa_fraction,
-                     n_vision=args.n_vision, context_fraction=args.context_fraction)
+                     n_vision=args.n_vision, context_fraction=args.context_fraction,
+                     held_out_pairs=args.held_out_pairs, n_test_ood=args.n_test_ood)
     with open(paths["world"], encoding="utf-8") as f:
         world = json.load(f)
     print(json.dumps({"out": paths["root"], "splits": world["splits"],

@@ -1,0 +1,3 @@
+from lavis_pformer.demo.paper.cli import main
+
+main()

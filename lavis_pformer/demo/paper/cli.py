@@ -1,0 +1,119 @@
+"""``python -m lavis_pformer.demo.paper``: the paper's tables in miniature over several worlds.
+
+    python -m lavis_pformer.demo.paper --out output/paper [--worlds 0,1,2] [--tables default|all|table1,...]
+        [--scale cpu|smoke] [--jobs 2] [--threads 1] [--reuse] [--report-only] [--fresh]
+
+Steps: for each world seed, the paper world and its backbones (``plan``); every run of every table once, ``--jobs``
+at a time (``scheduler``; a failed run skips what needs it, the rest goes on); then each arm's metrics, the
+teachers' ceilings and the claims' directions (``scoring``, ``ceilings``) and the report (``report``).
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+
+from lavis_pformer.demo import frozen_backbones
+from lavis_pformer.demo.paper import ceilings, report, scoring, tables as paper_tables
+from lavis_pformer.demo.paper.plan import paper_scale, plan_world, stage0_name, world_context
+from lavis_pformer.demo.run_configs import run_dir
+from lavis_pformer.demo.scheduler import log, run_jobs
+
+CEILING_SPLITS = ("test", "test_ood")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="output/paper", help="output folder (default output/paper)")
+    ap.add_argument("--worlds", default="0,1,2", help="world seeds (0: the committed backbones; others build theirs)")
+    ap.add_argument("--tables", default="default",
+                    help=f"tables to run: default, all, or some of {', '.join(paper_tables.TABLE_KEYS)}")
+    ap.add_argument("--scale", default="cpu", choices=("cpu", "smoke"))
+    ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the scale's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the scale's)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs under --out")
+    ap.add_argument("--reuse", action="store_true",
+                    help="do not rerun runs that finished before with the same config (after an interruption)")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first")
+    args = ap.parse_args(argv)
+    args.worlds = [int(s) for s in args.worlds.split(",") if s.strip()]
+    try:
+        args.tables = paper_tables.select(s.strip() for s in args.tables.split(","))
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def run_costs(tables, needs, times):
+    """Per table: its runs, their summed seconds, and the seconds of the runs no other selected table needs."""
+    runs = {t.key: {f"seed{w}/{r}" for w, by_arm in needs.items() for a in t.arms for r in by_arm[a.name]}
+            for t in tables}
+    out = {}
+    for key, mine in runs.items():
+        others = set().union(*(r for k, r in runs.items() if k != key))
+        out[key] = {"runs": len(mine), "seconds": sum(times.get(r, 0) for r in mine),
+                    "own_seconds": sum(times.get(r, 0) for r in mine - others)}
+    return out
+
+
+def teacher_ceilings(ctx, arms):
+    """{label: {split: VQA metrics}} on one world: every teacher of ``arms`` and the OPT's text ceiling."""
+    max_len = ctx["scale"]["eval"]["vqa_max_len"]
+    out = {"OPT LM: caption text before its bos (text ceiling)": ceilings.opt_text_ceiling(ctx["lm"], ctx["world"],
+                                                                                              CEILING_SPLITS)}
+    for teacher in paper_tables.teachers_of(arms):
+        arm = next(a for a in arms if isinstance(a, paper_tables.Arm) and a.teacher == teacher and not a.finetune)
+        cfg = os.path.join(ctx["configs"], f"{arm.name}_eval_vqa.yaml")
+        pformer = os.path.join(run_dir(ctx, stage0_name(teacher)), "pformer.pth")
+        if not os.path.isfile(pformer):  # its stage 0 failed: reported under "failed"
+            continue
+        label = f"{teacher[0].upper()} teacher: {paper_tables.CORPORA[teacher[1]]['label']}"
+        out[label] = ceilings.teacher_ceiling(cfg, pformer, ctx["world"], CEILING_SPLITS, max_len)
+    return out
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(argv)
+    if args.fresh and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    scale = paper_scale(args.scale)
+    for key in ("jobs", "threads"):
+        if getattr(args, key) is not None:
+            scale[key] = getattr(args, key)
+    os.makedirs(args.out, exist_ok=True)
+    contexts, jobs, needs = {}, [], {}
+    for world in args.worlds:
+        ctx = contexts[world] = world_context(args.out, scale, world)
+        world_jobs, needs[world] = plan_world(ctx, args.tables)
+        jobs += world_jobs
+    times = {}
+    if not args.report_only:
+        log(f"{len(jobs)} runs over worlds {args.worlds}, {scale['jobs']} at a time")
+        times = run_jobs(jobs, scale["jobs"], scale["threads"], keep_going=True, reuse=args.reuse)
+    arms = paper_tables.arms_of(args.tables)
+    per_world, ceiling_runs = {}, {}
+    for world, ctx in contexts.items():
+        frozen_backbones.verify(ctx["backbones_dir"], ctx["recipe"])
+        per_world[world] = {arm.name: scoring.arm_metrics(ctx, arm) for arm in arms}
+        ceiling_runs[world] = teacher_ceilings(ctx, arms)
+    by_label = {}
+    for world, found in ceiling_runs.items():
+        for label, splits in found.items():
+            by_label.setdefault(label, {})[world] = splits
+    results = {"worlds": args.worlds, "scale": args.scale, "per_world": per_world, "ceilings": by_label,
+               "tables": {t.key: scoring.table_result(t, per_world) for t in args.tables},
+               "failed": sorted(times.get("failed", {})), "costs": run_costs(args.tables, needs, times)}
+    total = time.time() - t0
+    labels = {t.key: dict(t.metrics) for t in args.tables}
+    text = report.write(args.out, results, labels, total_seconds=total)
+    with open(os.path.join(args.out, "timings.json"), "w") as f:
+        json.dump({"total": round(total, 1), "runs": {k: v for k, v in times.items() if k not in ("failed", "skipped")},
+                   "costs": results["costs"]}, f, indent=1)
+    log(f"total wall time {total / 60:.1f} min")
+    print(text, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""``results.json`` and ``results.md`` of ``make paper``: per table the paper's numbers, the miniature's mean ±
+standard deviation over the worlds with each world's value, the claims' directions, the teachers' ceilings and
+what each table cost."""
+import json
+import math
+import os
+
+from lavis_pformer.demo.paper.scoring import mean_std
+
+
+def _f(x, digits=3):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _signed(x):
+    return "—" if x is None else f"{x:+.3f}"
+
+
+def _cell(cell):
+    """"mean ± std (w0 / w1 / ...)" of one (arm, metric) cell."""
+    per = " / ".join(_f(v) for v in cell["per_world"].values())
+    return f"{_f(cell['mean'])} ± {_f(cell['std'])} ({per})"
+
+
+def directions_table(tables):
+    """One row per claim: the paper's numbers, the miniature's difference and its direction."""
+    rows = ["| table | claim | paper | miniature: difference mean ± std (per world) | direction |",
+            "|---|---|---|---|---|"]
+    for key, t in tables.items():
+        for c in t["claims"]:
+            per = " / ".join(_signed(r["difference"]) for r in c["per_world"].values())
+            rows.append(f"| {key} | {c['label']} ({c['metric']}) | {c['paper']} | {_signed(c['difference_mean'])} ± "
+                        f"{_f(c['difference_std'])} ({per}) | **{c['direction']}** |")
+    return "\n".join(rows)
+
+
+def table_markdown(key, table, metric_labels):
+    """The arms x metrics table of one paper table."""
+    metrics = list(metric_labels)
+    rows = [f"| arm | " + " | ".join(metric_labels[m] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for arm, cells in table["cells"].items():
+        rows.append(f"| {arm} | " + " | ".join(_cell(cells[m]) for m in metrics) + " |")
+    return "\n".join(rows)
+
+
+def ceilings_table(ceilings):
+    """Teacher ceilings (mean ± std over worlds, per world) on test and test_ood, beside the LLM's text ceiling."""
+    rows = ["| frozen LLM reads | test c+s+c | — colour / shape / count | test_ood c+s+c |", "|---|---|---|---|"]
+    for name, by_world in ceilings.items():
+        def stat(split, key=None):
+            vals = [(w.get(split) or {}).get("overall_excl_yesno") if key is None else
+                    ((w.get(split) or {}).get("per_type", {}).get(key) or {}).get("accuracy") for w in by_world.values()]
+            m, s = mean_std(vals)
+            return f"{_f(m)} ± {_f(s)} (" + " / ".join(_f(v) for v in vals) + ")"
+        per_type = " / ".join(_f(mean_std([((w.get("test") or {}).get("per_type", {}).get(t) or {}).get("accuracy")
+                                               for w in by_world.values()])[0]) for t in ("color", "shape", "count"))
+        rows.append(f"| {name} | {stat('test')} | {per_type} | {stat('test_ood')} |")
+    return "\n".join(rows)
+
+
+def costs_table(costs):
+    rows = ["| table | runs | core-seconds of its runs (shared runs counted in each table) | its own runs only |",
+            "|---|---|---|---|"]
+    for key, c in costs.items():
+        rows.append(f"| {key} | {c['runs']} | {c['seconds']:.0f} | {c['own_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def write(out, results, metric_labels, total_seconds=None):
+    """results.json (no times: the same runs write the same file) and results.md under ``out``."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({k: v for k, v in results.items() if k != "costs"}, f, indent=1, sort_keys=True, default=str)
+    worlds = results["worlds"]
+    lines = [f"# The paper in miniature: world seeds {', '.join(map(str, worlds))}, scale `{results['scale']}`", "",
+             "Each number is the mean ± standard deviation over the worlds, each world's value in brackets "
+             "(world seed order). VQA: zero-shot accuracy over colour, shape and count questions (yes/no apart). "
+             "Direction: *agrees* when every world's difference has the paper's sign and their mean exceeds their "
+             "standard deviation, *opposite* when every world's difference has the other sign beyond it, "
+             "*within the spread* otherwise.", "", "## Directions", "", directions_table(results["tables"]), "",
+             "## Teacher ceilings", "",
+             "The frozen LLM answering from each teacher's prompt of the true caption (text only, no image), beside "
+             "its own text ceiling (the caption's text where the soft prompt goes): what the alignment pulls each "
+             "arm's image side toward.", "", ceilings_table(results["ceilings"]), ""]
+    for key, table in results["tables"].items():
+        lines += [f"## {table['title']}", "", f"Paper: {table['paper']}.", ""]
+        if table["note"]:
+            lines += [table["note"], ""]
+        lines += [table_markdown(key, table, metric_labels[key]), ""]
+    if results.get("costs"):
+        lines += ["## Cost", "", costs_table(results["costs"]), ""]
+    if total_seconds is not None:
+        lines += [f"Wall time: {total_seconds / 60:.1f} min (timings.json).", ""]
+    if results.get("failed"):
+        lines += ["## Failed runs", ""] + [f"- {name}" for name in results["failed"]] + [""]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    return "\n".join(lines)

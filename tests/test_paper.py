@@ -1,0 +1,108 @@
+"""`make paper`: the tables as data, the plan of runs, the scores and the directions, and the whole pipeline at
+smoke scale with real runs and LAVIS's evaluators."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lavis_pformer.demo.paper import plan, scoring, tables
+
+from helpers import REPO
+
+
+def test_direction_words():
+    assert scoring.direction([0.10, 0.20, 0.15]) == scoring.AGREES
+    assert scoring.direction([-0.10, -0.20, -0.15]) == scoring.OPPOSITE
+    assert scoring.direction([0.30, -0.01, 0.20]) == scoring.WITHIN  # one world the other way
+    assert scoring.direction([0.01, 0.30, 0.01]) == scoring.WITHIN  # all positive, mean within one std
+    assert scoring.direction([None, 0.2]) == scoring.AGREES  # a world without both numbers is left out
+    assert scoring.direction([None]) == scoring.MISSING
+    assert scoring.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and scoring.mean_std([None]) == (None, None)
+
+
+def test_claim_result_compares_the_two_arms_world_by_world():
+    claim = tables.TABLES[0].claims[0]
+    per_world = {0: {claim.arm.name: {"vqa_test": 0.5}, claim.versus.name: {"vqa_test": 0.4}},
+                 1: {claim.arm.name: {"vqa_test": 0.3}, claim.versus.name: {"vqa_test": 0.45}}}
+    result = scoring.claim_result(claim, per_world)
+    assert result["per_world"][0]["difference"] == pytest.approx(0.1)
+    assert result["per_world"][1]["difference"] == pytest.approx(-0.15)
+    assert result["difference_mean"] == pytest.approx(-0.025) and result["direction"] == scoring.WITHIN
+
+
+def test_tables_are_consistent():
+    assert len(set(tables.TABLE_KEYS)) == len(tables.TABLES)
+    for table in tables.TABLES:
+        for claim in table.claims:
+            assert claim.arm in table.arms and claim.versus in table.arms, claim.label
+            assert claim.metric in dict(table.metrics), claim.label
+    names = [a.name for a in tables.arms_of(tables.TABLES)]
+    assert len(names) == len(set(names))
+    assert {t.key for t in tables.select(["default"])} == {"table1", "table2", "table6", "ood"}
+    assert tables.select(["all"]) == tables.TABLES
+    with pytest.raises(ValueError, match="unknown tables"):
+        tables.select(["table9"])
+    assert tables.BASELINE.teacher is None and tables.PFORMER_FT.pretrained == tables.PFORMER
+
+
+def test_question_pair_and_held_out_pairs_named():
+    assert scoring.question_pair({"question": "what color is the circle?", "answer": ["red"]}) == ("red", "circle")
+    assert scoring.question_pair({"question": "what shape is the blue object?", "answer": "square"}) == \
+        ("blue", "square")
+    assert scoring.question_pair({"question": "how many objects are there?", "answer": "2"}) is None
+    held = {("red", "circle")}
+    references = {1: "a red circle at the top left and a blue square at the top right.", 2: "a green square at the top left."}
+    assert scoring.held_pairs_named([{"image_id": 1, "caption": "a red circle at the top left."},
+                                     {"image_id": 2, "caption": "a red circle at the top left."}],
+                                    references, held) == 1.0
+    assert scoring.held_pairs_named([{"image_id": 1, "caption": "a red square at the top left."}], references,
+                                    held) == 0.0
+
+
+@pytest.fixture(scope="module")
+def smoke_world(tmp_path_factory):
+    scale = plan.paper_scale("smoke")
+    return plan.world_context(str(tmp_path_factory.mktemp("paper")), scale, world_seed=3)
+
+
+def test_plan_runs_each_run_once_and_chains_them(smoke_world):
+    ctx = smoke_world
+    chosen = tuple(t for t in tables.TABLES if t.key != "table7")
+    jobs, needs = plan.plan_world(ctx, chosen)
+    by_name = {j.name.split("/", 1)[1]: j for j in jobs}
+    assert len(by_name) == len(jobs) and all(j.name.startswith("seed3/") for j in jobs)
+    assert "backbones" in by_name  # the smoke recipe is not the committed one: built by a job
+    for job in jobs:
+        assert set(job.after) <= {j.name for j in jobs}
+    cfg = {n: yaml.safe_load(open(j.args[-1])) for n, j in by_name.items() if n != "backbones"}
+    teachers = tables.teachers_of(tables.arms_of(chosen))
+    assert sorted(n for n in cfg if n.startswith("stage0_")) == sorted(plan.stage0_name(t) for t in teachers)
+    # one stage 1 without a teacher serves the OPT and T5 baselines and the fine-tuned baseline
+    assert "stage1_w0" in needs[tables.BASELINE.name] & needs[tables.T5_BASELINE.name] & needs[tables.BASELINE_FT.name]
+    assert cfg["stage0_t5_sent32k"]["model"]["arch"] == "pformer_t5"
+    assert cfg["stage0_t5_sent32k"]["model"]["t5_model"].endswith("t5")
+    assert cfg["t5_w10_100_sent32k_stage2"]["model"]["arch"] == "blip2_t5_pformer"
+    ft = cfg["opt_w10_100_sent32k_ft"]["model"]
+    assert ft["alignment_weight"] == 0 and not ft["pformer_checkpoint"]  # fine-tuning: LM loss only
+    assert os.sep.join(ft["pretrained"].split(os.sep)[-3:-1]) == "opt_w10_100_sent32k_stage2/latest"
+    for name, c in cfg.items():
+        if name.endswith("_eval_vqa") or name.endswith("_eval_caption"):
+            assert c["run"]["test_splits"] == ["val", "test", "test_ood"], name
+    # every teacher reads the same number of lines; "paired" only the paired captions, "sent4k" fewer lines
+    lines = ctx["scale"]["stage0"]["lines"]
+    texts = {}
+    for t in teachers:
+        path = cfg[plan.stage0_name(t)]["datasets"]["sentence_corpus"]["build_info"]["annotations"]["train"]["storage"]
+        texts[t[1]] = open(path).read().splitlines()
+        assert len(texts[t[1]]) == lines
+    paired = {r["caption"] for r in json.load(open(os.path.join(ctx["world"], "captions_train.json")))}
+    assert set(texts["paired"]) <= paired
+    assert len(set(texts["sent4k"])) < len(set(texts["sent32k"]))
+
+
+def _paper(out, *extra):
+    return subprocess.run([sys.executable, "-m", "lavis_pformer.demo.paper", "--scale", "smoke", "--out", str(out),
+                           *extra], cwd=REPO, capture_output=True, text=True, timeout=1800)
