@@ -57,18 +57,21 @@ def run_costs(tables, needs, times):
 
 
 def teacher_ceilings(ctx, arms):
-    """{label: {split: VQA metrics}} on one world: every teacher of ``arms`` and the OPT's text ceiling."""
+    """{label: (the arm it caps, {split: VQA metrics})} on one world: the frozen OPT's text ceiling (capping the
+    baseline's reading of its prompt) and every teacher of ``arms`` (capping the arm aligned to it in both
+    stages)."""
     max_len = ctx["scale"]["eval"]["vqa_max_len"]
-    out = {"OPT LM: caption text before its bos (text ceiling)": ceilings.opt_text_ceiling(ctx["lm"], ctx["world"],
-                                                                                              CEILING_SPLITS)}
+    out = {"OPT: the caption's text before its bos (text ceiling)": (
+        None, ceilings.opt_text_ceiling(ctx["lm"], ctx["world"], CEILING_SPLITS))}
     for teacher in paper_tables.teachers_of(arms):
-        arm = next(a for a in arms if isinstance(a, paper_tables.Arm) and a.teacher == teacher and not a.finetune)
-        cfg = os.path.join(ctx["configs"], f"{arm.name}_eval_vqa.yaml")
+        aligned = [a for a in arms if isinstance(a, paper_tables.Arm) and a.teacher == teacher and not a.finetune]
+        arm = max(aligned, key=lambda a: (a.w1 > 0 and a.w2 > 0, a.w2, a.w1))  # both terms if there is one
         pformer = os.path.join(run_dir(ctx, stage0_name(teacher)), "pformer.pth")
         if not os.path.isfile(pformer):  # its stage 0 failed: reported under "failed"
             continue
+        cfg = os.path.join(ctx["configs"], f"{arm.name}_eval_vqa.yaml")
         label = f"{teacher[0].upper()} teacher: {paper_tables.CORPORA[teacher[1]]['label']}"
-        out[label] = ceilings.teacher_ceiling(cfg, pformer, ctx["world"], CEILING_SPLITS, max_len)
+        out[label] = (arm.name, ceilings.teacher_ceiling(cfg, pformer, ctx["world"], CEILING_SPLITS, max_len))
     return out
 
 
@@ -99,8 +102,8 @@ def main(argv=None):
         ceiling_runs[world] = teacher_ceilings(ctx, arms)
     by_label = {}
     for world, found in ceiling_runs.items():
-        for label, splits in found.items():
-            by_label.setdefault(label, {})[world] = splits
+        for label, (arm, splits) in found.items():
+            by_label.setdefault(label, {"arm": arm, "per_world": {}})["per_world"][world] = splits
     results = {"worlds": args.worlds, "scale": args.scale, "per_world": per_world, "ceilings": by_label,
                "tables": {t.key: scoring.table_result(t, per_world) for t in args.tables},
                "failed": sorted(times.get("failed", {})), "costs": run_costs(args.tables, needs, times)}

@@ -43,18 +43,27 @@ def table_markdown(key, table, metric_labels):
     return "\n".join(rows)
 
 
-def ceilings_table(ceilings):
-    """Teacher ceilings (mean ± std over worlds, per world) on test and test_ood, beside the LLM's text ceiling."""
-    rows = ["| frozen LLM reads | test c+s+c | — colour / shape / count | test_ood c+s+c |", "|---|---|---|---|"]
-    for name, by_world in ceilings.items():
-        def stat(split, key=None):
-            vals = [(w.get(split) or {}).get("overall_excl_yesno") if key is None else
-                    ((w.get(split) or {}).get("per_type", {}).get(key) or {}).get("accuracy") for w in by_world.values()]
-            m, s = mean_std(vals)
-            return f"{_f(m)} ± {_f(s)} (" + " / ".join(_f(v) for v in vals) + ")"
+def ceilings_table(ceilings, per_world):
+    """Each ceiling (mean ± std over worlds, per world) on test and test_ood, beside the VQA its arm reached."""
+    rows = ["| the frozen LLM reads | test c+s+c | — colour / shape / count | test_ood c+s+c | its arm | the arm's VQA "
+            "test / test_ood |", "|---|---|---|---|---|---|"]
+
+    def stat(values):
+        m, s = mean_std(values)
+        return f"{_f(m)} ± {_f(s)} (" + " / ".join(_f(v) for v in values) + ")"
+
+    for label, ceiling in ceilings.items():
+        worlds = ceiling["per_world"]
+        overall = {split: [(w.get(split) or {}).get("overall_excl_yesno") for w in worlds.values()]
+                   for split in ("test", "test_ood")}
         per_type = " / ".join(_f(mean_std([((w.get("test") or {}).get("per_type", {}).get(t) or {}).get("accuracy")
-                                               for w in by_world.values()])[0]) for t in ("color", "shape", "count"))
-        rows.append(f"| {name} | {stat('test')} | {per_type} | {stat('test_ood')} |")
+                                            for w in worlds.values()])[0]) for t in ("color", "shape", "count"))
+        arm = ceiling["arm"]
+        reached = "—" if arm is None else " / ".join(
+            _f(mean_std([per_world[w].get(arm, {}).get(f"vqa_{split}") for w in worlds])[0])
+            for split in ("test", "test_ood"))
+        rows.append(f"| {label} | {stat(overall['test'])} | {per_type} | {stat(overall['test_ood'])} | "
+                    f"{arm or '(baseline: its own prompts)'} | {reached} |")
     return "\n".join(rows)
 
 
@@ -80,7 +89,7 @@ def write(out, results, metric_labels, total_seconds=None):
              "## Teacher ceilings", "",
              "The frozen LLM answering from each teacher's prompt of the true caption (text only, no image), beside "
              "its own text ceiling (the caption's text where the soft prompt goes): what the alignment pulls each "
-             "arm's image side toward.", "", ceilings_table(results["ceilings"]), ""]
+             "arm's image side toward.", "", ceilings_table(results["ceilings"], results["per_world"]), ""]
     for key, table in results["tables"].items():
         lines += [f"## {table['title']}", "", f"Paper: {table['paper']}.", ""]
         if table["note"]:
