@@ -4,7 +4,7 @@
 
 Before each step, rank r appends one JSON line to ``batches_rank<r>.jsonl`` in the working directory: the inner
 epoch, the iteration in it and the ids of the batch's samples (``instance_id`` of shard samples,
-``<shard file>/<key>``; ``image_id`` of map-style caption samples).
+``<shard file>/<key>``; ``image_id`` of map-style caption samples; else the captions).
 """
 import json
 import os
@@ -18,7 +18,7 @@ _train_step = tasks.LossTermLoggingMixin.train_step
 
 
 def recording_train_step(self, model, samples):
-    ids = samples.get("instance_id", samples.get("image_id"))
+    ids = samples.get("instance_id", samples.get("image_id", samples.get("text_input")))
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     with open(f"batches_rank{os.environ.get('RANK', '0')}.jsonl", "a") as f:
         f.write(json.dumps({"epoch": samples["epoch"], "iters": samples["iters"], "ids": [str(i) for i in ids]}) + "\n")
