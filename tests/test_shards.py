@@ -244,6 +244,12 @@ def test_a_shard_damaged_in_the_middle_is_counted(tmp_path, caplog):
         take(dataset([cut, whole], share=0.25), 20)  # one bad shard in the first 4 is allowed, not a second
 
 
+def test_a_pass_without_any_sample_stops_the_stream(tmp_path):
+    gone = str(tmp_path / "gone.tar")  # checked before training, deleted since
+    with pytest.raises(DataError, match="test rank 0 worker 0: a whole pass over its 1 shard\\(s\\) gave no sample"):
+        take(dataset([gone], share=0.5), 1)
+
+
 def test_shard_loader_tracks_each_worker_and_restarts_from_its_state(shards):
     loader = ShardIterLoader(dataset(shards, buffer=4), batch_size=4, num_workers=2, seed=3)
     batches = [next(loader) for _ in range(6)]

@@ -4,9 +4,11 @@
   stage 1 on the shards mixed with ``local_caption`` (``train_dataset_ratios``) and stage 2 on the shards alone, with
   the repository's projects/pformer/tiny configs, 2 gloo ranks x 2 DataLoader workers: each rank trains on its own
   shards only (disjoint), both datasets of the mix are used, the checkpoint holds every reader's position;
-- resume guarantee: a stage-2 run on 16 shards (1 rank x 2 workers, shuffle buffer 8) killed with SIGKILL between
-  checkpoints and resumed from checkpoint_last.pth trains on no sample twice within the pass, skips at most the
-  shuffle buffer per worker, and trained on the same batches as the uninterrupted run up to the checkpoint;
+- resume guarantee: a stage-2 run on 16 shards (1 rank x 2 workers, shuffle buffer 8) mixed 1 : 1 with
+  local_caption, killed with SIGKILL between checkpoints and resumed from checkpoint_last.pth, trains on no shard
+  sample twice within the pass and skips at most the shuffle buffer per worker; up to the checkpoint it trained on
+  the uninterrupted run's batches, and after it every batch comes from the same set as in the uninterrupted run
+  (the same local_caption batches);
 - LAVIS's own ``laion2B_multi`` builder reads the converter's shards and trains under runner_iter_pformer;
 - bad input: a missing shard before training, and unreadable samples past the bound in a DataLoader worker, end
   with a short message naming the shard (exit status 2); the epoch runner and bad ratios are refused.
@@ -116,15 +118,22 @@ def teacher(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(tiny, teacher, tmp_path_factory):
-    """A uninterrupted; B killed once checkpoint_16 exists; C resumed from B's checkpoint_last.pth. 128 samples in 16
-    shards of 8: each of the 2 workers has 64, and gives 48 in the 48 iterations (batch 2): all in pass 0."""
+    """A uninterrupted; B killed once checkpoint_16 exists; C resumed from B's checkpoint_last.pth. Shards (128
+    samples in 16 shards of 8: 64 per worker) mixed 1 : 1 with local_caption; 48 iterations of batch 2 take at most
+    48 samples of each worker: all in pass 0."""
     work = tmp_path_factory.mktemp("shard_resume")
     shards = convert(tiny, work / "shards", times=2)
     dirs = {}
     for name in "abc":
         os.makedirs(work / name)
         dirs[name] = str(work / name)
-    cfg = lambda: shard_run_config(tiny, teacher, shards, "out")  # noqa: E731
+
+    def cfg():
+        mixed = shard_run_config(tiny, teacher, shards, "out")
+        mixed["datasets"]["local_caption"] = stage2_config(tiny, teacher, "out")["datasets"]["local_caption"]
+        mixed["run"]["train_dataset_ratios"] = {"image_text_shards": 1, "local_caption": 1}
+        return mixed
+
     run_a, run_b = (launch(cfg(), dirs[n], n, script=RECORD) for n in "ab")
     kill_when(run_b, lambda: glob.glob(os.path.join(dirs["b"], "out", "*", "checkpoint_16.pth")), poll=0.005)
     b_run = only_run_dir(os.path.join(dirs["b"], "out"))
@@ -138,30 +147,37 @@ def resumed(tiny, teacher, tmp_path_factory):
             "names": sorted(os.path.basename(p) for p in glob.glob(str(work / "shards" / "*.tar")))}
 
 
+def shard_ids(batches):
+    return [i for _, ids in batches if "/" in ids[0] for i in ids]
+
+
 def test_a_fresh_run_repeats_its_data_order(resumed):
     k, (a, b) = resumed["k"], (records(resumed["dirs"][n]) for n in "ab")
     assert k in (16, 24) and len(a) == MAX_ITERS and len(b) >= k
     assert b[:k] == a[:k]
+    assert 0 < len(shard_ids(a)) < 2 * MAX_ITERS  # both sets of the mix
 
 
 def test_resume_trains_on_no_sample_twice_and_skips_at_most_the_buffer(resumed):
     k = resumed["k"]
-    before = [i for it, ids in records(resumed["dirs"]["b"]) if it < k for i in ids]
-    after = records(resumed["dirs"]["c"])
-    assert [it for it, _ in after] == list(range(k, MAX_ITERS))
-    after = [i for _, ids in after for i in ids]
-    assert len(before) == 2 * k and len(after) == 2 * (MAX_ITERS - k)
-    assert len(set(before + after)) == len(before) + len(after)  # every sample at most once in the pass
-    readers = resumed["checkpoint"]["data"]["ranks"][0]["readers"]
+    b = [(it, ids) for it, ids in records(resumed["dirs"]["b"]) if it < k]
+    a, c = records(resumed["dirs"]["a"]), records(resumed["dirs"]["c"])
+    assert [it for it, _ in c] == list(range(k, MAX_ITERS))
+    before, after = shard_ids(b), shard_ids(c)
+    assert len(set(before + after)) == len(before) + len(after)  # every shard sample at most once in the pass
+    data = resumed["checkpoint"]["data"]["ranks"][0]
+    readers = next(part["readers"] for part in data["loaders"] if part["kind"] == "shards")
     names = resumed["names"]
     for worker, reader in enumerate(readers):
         mine = set(names[worker::2])  # webdataset's split by worker
         given = [i for i in before if i.split("/")[0] in mine]
         assert reader["pass"] == 0 and reader["bad_samples"] == 0
         assert 0 <= reader["read"] - len(given) <= BUFFER  # what the buffer held at the checkpoint is skipped
-        assert all(i.split("/")[0] in set(names) for i in after)
+    # the mix goes on as in the uninterrupted run: the same set for every batch, the same local_caption batches
+    assert [("/" in ids[0]) for _, ids in c] == [("/" in ids[0]) for _, ids in a[k:]]
+    assert [ids for _, ids in c if "/" not in ids[0]] == [ids for _, ids in a[k:] if "/" not in ids[0]]
     log = resumed["logs"]["c"]
-    assert f"Resuming at iteration {k}" in log
+    assert f"Resuming at iteration {k}" in log and "RNG states restored" in log
     assert "resume: datasets.image_text_shards: 2 of 2 reader(s) continue where they were" in log
     assert os.path.isfile(os.path.join(only_run_dir(os.path.join(resumed["dirs"]["c"], "out")),
                                        f"checkpoint_{MAX_ITERS}.pth"))
