@@ -189,7 +189,7 @@ class RunnerIterPFormer(RunnerPFormer, RunnerIter):
                                           collate_fns=[getattr(self.datasets[s], "collater", None) for s in splits])
             self._dataloaders = dict(zip(splits, loaders))
             if mix:
-                self.datasets["train"] = tuple(dataset for _, dataset, _ in mix)
+                self.datasets["train"] = mix[0][1] if len(mix) == 1 else tuple(dataset for _, dataset, _ in mix)
                 train = [self._training_loader(dataset) for _, dataset, _ in mix]
                 if len(train) > 1:
                     logging.info("training batches drawn from %s with ratios %s", [name for name, _, _ in mix],

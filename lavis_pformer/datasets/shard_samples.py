@@ -116,15 +116,17 @@ class BadShare:
 
     def check_samples(self, bad, read, where, last, fix):
         """DataError if ``bad`` of ``read`` samples is past the bound; ``last`` is the latest problem."""
-        if bad > self.samples_allowed(read):
-            raise DataError(
-                f"{where}: {bad} of the {read} samples read so far are unreadable ({bad / max(read, 1):.1%}, past "
-                f"max_bad_share {self.max_share:g} judged over at least {self.window} samples); the latest: "
-                f"{last}. {fix}")
+        self._check(bad, read, self.samples_allowed(read), ("samples read", "are unreadable", self.window, "samples"),
+                    where, last, fix)
 
     def check_shards(self, bad, opened, where, last, fix):
-        if bad > self.shards_allowed(opened):
+        """DataError if ``bad`` of ``opened`` shards is past the bound."""
+        self._check(bad, opened, self.shards_allowed(opened),
+                    ("shards opened", "could not be read to the end", self.shard_window, "shards"), where, last, fix)
+
+    def _check(self, bad, seen, allowed, words, where, last, fix):
+        counted, problem, window, unit = words
+        if bad > allowed:
             raise DataError(
-                f"{where}: {bad} of the {opened} shards opened so far could not be read to the end (past "
-                f"max_bad_share {self.max_share:g} of the shards, judged over at least {self.shard_window}); the "
-                f"latest: {last}. {fix}")
+                f"{where}: {bad} of the {seen} {counted} so far {problem} ({bad / max(seen, 1):.1%}, past max_bad_share "
+                f"{self.max_share:g} judged over at least {window} {unit}); the latest: {last}. {fix}")
