@@ -2,9 +2,9 @@
 
 ``PFormerAlignmentMixin`` goes first in the bases, before the plugin's other mixins and the LAVIS class::
 
-    class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer): ...
-    class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin, BackboneMixin,
-                          Blip2OPT): ...
+    class Blip2QformerPFormer(PFormerAlignmentMixin, Stage1CheckpointMixin, BackboneMixin, Blip2Qformer): ...
+    class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin,
+                          Stage2CheckpointMixin, BackboneMixin, Blip2OPT): ...
 
 The model's own ``forward`` stays LAVIS's: the mixin runs ``super().forward(samples)`` while a forward
 hook captures the FIRST output of one submodule (``alignment_source()``: ``Qformer.bert`` in stage 1,
@@ -31,7 +31,6 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_pformer.losses import alignment_loss
 from lavis_pformer.errors import ConfigError, SetupError
-from lavis_pformer.models.stage_checkpoint import StageCheckpointMixin
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
 
 TEACHER = "pformer_teacher"
@@ -73,10 +72,10 @@ def strip_prompt(text, prompt):
     return text
 
 
-class PFormerAlignmentMixin(StageCheckpointMixin):
+class PFormerAlignmentMixin:
     """Frozen P-Former teacher + ``loss_align`` on top of a LAVIS BLIP-2 model (see the module docstring).
 
-    Also records what the model was aligned to in its checkpoints (:mod:`~lavis_pformer.models.stage_checkpoint`).
+    What the model was aligned to is recorded in its checkpoints (:mod:`~lavis_pformer.checkpoints.records`).
     """
 
     # Paper defaults (docs/method.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.

@@ -8,7 +8,8 @@ checkpoint carries ``llm_proj`` into stage 2 (``opt_proj`` / ``t5_proj``).
 
 Without a teacher (``alignment_weight: 0`` or built for inference) there is no ``llm_proj`` unless the
 config gives ``llm_hidden_size`` (then it is created, frozen, and not trained), or a loaded checkpoint
-holds one (``load_checkpoint`` then recreates it at the checkpoint's width).
+holds one (``load_checkpoint`` then recreates it at the checkpoint's width:
+:mod:`~lavis_pformer.checkpoints.stages`).
 """
 import logging
 import os
@@ -19,13 +20,14 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_pformer.backbones import BackboneMixin, hub_load_errors
+from lavis_pformer.checkpoints.stages import Stage1CheckpointMixin
 from lavis_pformer.config_checks import as_int
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
 from lavis_pformer.models.common import CONFIG_DIR, lavis_vit_qformer_kwargs, optional_int, optional_str, plugin_kwargs
 
 
 @registry.register_model("blip2_qformer_pformer")
-class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
+class Blip2QformerPFormer(PFormerAlignmentMixin, Stage1CheckpointMixin, BackboneMixin, Blip2Qformer):
     """forward -> {"loss", "loss_itc", "loss_itm", "loss_lm", "loss_align"} (loss_align only with a teacher)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -61,14 +63,6 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
 
     def lavis_loss_terms(self, output):
         return {"loss_itc": output.loss_itc, "loss_itm": output.loss_itm, "loss_lm": output.loss_lm}
-
-    def adapt_state_dict(self, state_dict):
-        """A checkpoint with ``llm_proj`` restores it even if this model was built without one."""
-        weight = state_dict.get("llm_proj.weight")
-        if self.llm_proj is None and weight is not None:
-            self.llm_proj = nn.Linear(weight.shape[1], weight.shape[0]).to(self.query_tokens.device)
-            logging.info("created llm_proj (width %d) for the checkpoint's weights", weight.shape[0])
-        return state_dict
 
     @classmethod
     def from_config(cls, cfg, for_training=False):

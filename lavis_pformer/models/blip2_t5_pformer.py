@@ -23,6 +23,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_pformer.backbones import BackboneMixin, sentencepiece_conversion_errors
+from lavis_pformer.checkpoints.stages import Stage2CheckpointMixin
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
 from lavis_pformer.models.common import CONFIG_DIR
 from lavis_pformer.models.stage2 import Stage2Mixin
@@ -34,7 +35,8 @@ def _as_list(texts):
 
 
 @registry.register_model("blip2_t5_pformer")
-class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2T5):
+class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Stage2CheckpointMixin, BackboneMixin,
+                     Blip2T5):
     """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {

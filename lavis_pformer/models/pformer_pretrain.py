@@ -15,6 +15,7 @@ import torch
 from lavis.models.blip2_models.blip2 import Blip2Base
 
 from lavis_pformer.backbones import BackboneMixin, bert_tokenizer, hub_load_errors
+from lavis_pformer.checkpoints.loading import CheckpointMixin
 from lavis_pformer.config_checks import as_bool, as_float, as_int
 from lavis_pformer.errors import ConfigError
 from lavis_pformer.paths import resolve_model_path
@@ -25,7 +26,7 @@ from lavis_pformer.text import QA_PROMPT, mask_tokens
 PFORMER_EXPORT_NAME = "pformer.pth"
 
 
-class PFormerPretrain(BackboneMixin, Blip2Base):
+class PFormerPretrain(CheckpointMixin, BackboneMixin, Blip2Base):
     """P-Former + frozen LLM.  forward -> {"loss", "loss_lm", "loss_c", "loss_vq"} (weighted terms)."""
 
     # Set by the OPT / T5 variant: the LLM's config key and the config defaults that differ between them.

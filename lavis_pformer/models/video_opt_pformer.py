@@ -15,6 +15,8 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 
 from lavis_pformer.backbones import BackboneMixin, hub_load_errors
+from lavis_pformer.checkpoints.loading import CheckpointMixin
+from lavis_pformer.checkpoints.records import StageRecordsMixin
 from lavis_pformer.config_checks import as_float, as_int
 from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
@@ -25,7 +27,7 @@ from lavis_pformer.paths import resolve_model_path
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
 
 
-class VideoOPT(FrozenOPTMixin, BackboneMixin, Blip2Base):
+class VideoOPT(FrozenOPTMixin, CheckpointMixin, BackboneMixin, Blip2Base):
     """The video captioner without the P-Former side: connector + projection + frozen OPT."""
 
     def __init__(self, bert_model="bert-base-uncased", num_query_token=32, cross_attention_freq=2, feat_dim=1024,
@@ -110,7 +112,7 @@ class VideoOPT(FrozenOPTMixin, BackboneMixin, Blip2Base):
 
 
 @registry.register_model("video_opt_pformer")
-class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
+class VideoOPTPFormer(PFormerAlignmentMixin, StageRecordsMixin, VideoOPT):
     """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
