@@ -11,7 +11,9 @@ methods (LAVIS's constructors call them on ``self``) so that the plugin's models
   given by ``vit_config`` (patch_size, embed_dim, depth, num_heads, mlp_ratio, checkpoint);
 - ``llm_precision``: dtype of the frozen LLM (``fp16`` as LAVIS; ``bf16``; ``fp32`` for CPU runs).
 
-It only builds: what a checkpoint holds and how it is loaded is :mod:`lavis_pformer.checkpoints`.
+It only builds. The keys come read and checked from the model's ``from_config`` (:mod:`lavis_pformer.model_keys`;
+what fits the ViT that ``vit_model`` names, ``vit_config``'s sizes, is checked by that ViT's builder here); what a
+checkpoint holds and how it is loaded is :mod:`lavis_pformer.checkpoints`.
 """
 import contextlib
 import logging
@@ -28,11 +30,9 @@ from transformers import BertTokenizer
 
 from lavis_pformer.checkpoints.files import load_state_dict_file
 from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError, SetupError
-from lavis_pformer.precision import LOW_PRECISION, cpu_autocast
+from lavis_pformer.precision import DTYPES, LOW_PRECISION, cpu_autocast
 from lavis_pformer.vit_weights import (LAVIS_VIT_FILES, OFFLINE_VARIABLES, lavis_vit_cache_file, lavis_vit_from_file,
                                        offline_mode, weights_fingerprint)
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def bert_tokenizer(bert_model):
@@ -94,18 +94,18 @@ def sentencepiece_conversion_errors():
 # What transformers says when a backbone name is neither a local folder nor a model it can fetch.
 _HUB_LOAD_ERRORS = ("Can't load", "We couldn't connect", "is not a local folder and is not a valid model identifier",
                     "does not appear to have a file named", "Incorrect path_or_model_id")
-BACKBONE_KEYS = ("bert_model", "opt_model", "t5_model")
 
 
 @contextlib.contextmanager
-def hub_load_errors(cfg):
-    """A MissingFileError naming the backbone keys of ``cfg`` when transformers cannot load one of them."""
+def hub_load_errors(backbone_names):
+    """A MissingFileError quoting ``backbone_names`` ({config key: value as given}: ``model_keys.backbone_names``)
+    when transformers cannot load one of the backbones."""
     try:
         yield
     except OSError as e:
         if isinstance(e, MissingFileError) or not any(m in str(e) for m in _HUB_LOAD_ERRORS):
             raise
-        named = ", ".join(f"model.{k}={cfg.get(k)!r}" for k in BACKBONE_KEYS if cfg.get(k) is not None)
+        named = ", ".join(f"model.{key}={value!r}" for key, value in backbone_names.items())
         raise MissingFileError(
             f"a backbone of the model config cannot be loaded ({named}): {str(e).splitlines()[0]} Give an existing "
             "local folder or a hub name; offline (HF_HUB_OFFLINE=1) only local folders and models already in the "
@@ -200,7 +200,6 @@ class BackboneMixin:
 
     @staticmethod
     def cast_llm(llm, precision):
-        """Cast the frozen LLM to ``llm_precision`` (LAVIS loads OPT in fp16 and T5 in bf16)."""
-        if precision not in DTYPES:
-            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{precision}'")
+        """Cast the frozen LLM to ``llm_precision`` (LAVIS loads OPT in fp16 and T5 in bf16), a name of
+        :data:`~lavis_pformer.precision.DTYPES` (``from_config`` checked it)."""
         return llm.to(DTYPES[precision])

@@ -1,7 +1,7 @@
 """What happens when a checkpoint is loaded into one of the plugin's models: the whole policy, in this package.
 
 A model starts from the checkpoint its ``from_config`` was given (``model.finetuned`` with ``load_finetuned``,
-else ``model.pretrained`` unless ``load_pretrained: False``), from
+else ``model.pretrained`` unless ``load_pretrained: False``; read by :mod:`lavis_pformer.model_keys`), from
 ``load_model(..., checkpoint=path)`` / ``model.load_checkpoint(path)``, or from LAVIS's resume and best-checkpoint
 reload (``load_state_dict``). In the order ``load_checkpoint`` applies them:
 

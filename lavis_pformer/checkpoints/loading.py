@@ -16,7 +16,8 @@ from lavis.common.utils import is_url
 from lavis_pformer.checkpoints.files import (CROSS_ATTENTION, EXTRA_STATE_KEY, QFORMER_LAYER, checkpoint_arch,
                                              cross_attention_freq_of, cross_attention_layers, read_checkpoint,
                                              state_dict_of)
-from lavis_pformer.errors import CheckpointError, ConfigError
+from lavis_pformer.errors import CheckpointError
+from lavis_pformer.model_keys import starting_checkpoint
 
 
 def _drop_non_checkpoint_keys(module, state_dict, prefix, local_metadata):
@@ -68,23 +69,20 @@ class CheckpointMixin:
 
     # --- where a model starts -----------------------------------------------------------------------------
 
+    def load_starting_checkpoint(self, start):
+        """``start``: the :class:`~lavis_pformer.model_keys.StartingCheckpoint` that ``from_config`` read (a
+        ``finetuned`` checkpoint must be complete), or None: the backbones alone."""
+        if start is None:
+            logging.info("load_pretrained is False: starting from the backbones alone")
+            return None
+        if start.complete:
+            return self.load_checkpoint(start.path, require_complete=True)
+        return self.load_from_pretrained(start.path)
+
     def load_checkpoint_from_config(self, cfg, **kwargs):
-        """``load_finetuned`` -> ``finetuned``; else ``load_pretrained`` (default True) -> ``pretrained``."""
-        if cfg.get("load_finetuned", False):
-            path = cfg.get("finetuned")
-            if not path:
-                raise ConfigError("model.load_finetuned is True but model.finetuned is empty; give a checkpoint path")
-            return self.load_checkpoint(path, require_complete=True)
-        if cfg.get("load_pretrained", True):
-            path = cfg.get("pretrained")
-            if not path:
-                raise ConfigError(
-                    "model.pretrained is empty; give the previous stage's checkpoint "
-                    "(--options model.pretrained=path/checkpoint_N.pth) or set model.load_pretrained=False "
-                    "to start from the backbones alone"
-                )
-            return self.load_from_pretrained(path)
-        logging.info("load_pretrained is False: starting from the backbones alone")
+        """LAVIS's ``BaseModel`` entry point, kept with the plugin's keys and defaults for callers of LAVIS's API
+        (the plugin's own ``from_config`` read the keys at their top and call :meth:`load_starting_checkpoint`)."""
+        return self.load_starting_checkpoint(starting_checkpoint(cfg))
 
     def load_from_pretrained(self, url_or_filename):
         return self.load_checkpoint(url_or_filename)

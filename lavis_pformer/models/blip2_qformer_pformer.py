@@ -21,9 +21,10 @@ from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_pformer.backbones import BackboneMixin, hub_load_errors
 from lavis_pformer.checkpoints.stages import Stage1CheckpointMixin
-from lavis_pformer.config_checks import as_int
+from lavis_pformer.model_keys import (as_int, backbone_names, lavis_vit_qformer_kwargs, optional_int, optional_str,
+                                      plugin_kwargs, starting_checkpoint)
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
-from lavis_pformer.models.common import CONFIG_DIR, lavis_vit_qformer_kwargs, optional_int, optional_str, plugin_kwargs
+from lavis_pformer.models.common import CONFIG_DIR
 
 
 @registry.register_model("blip2_qformer_pformer")
@@ -37,14 +38,14 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, Stage1CheckpointMixin, Backbone
     compatible_archs = ("blip2", "blip2_feature_extractor")
     DEFAULT_ALIGNMENT_WEIGHT = 10.0
 
-    def __init__(self, bert_model="bert-base-uncased", vit_config=None, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT,
-                 pformer_checkpoint=None, llm_hidden_size=None, llm_name=None, for_training=False,
-                 cross_attention_freq=2, **lavis_kwargs):
+    def __init__(self, alignment, bert_model="bert-base-uncased", vit_config=None, llm_hidden_size=None,
+                 llm_name=None, for_training=False, cross_attention_freq=2, **lavis_kwargs):
+        """Arguments: the keys ``from_config`` read (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`)."""
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(cross_attention_freq=cross_attention_freq, **lavis_kwargs)
         teacher = self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=llm_hidden_size, llm_name=llm_name, for_training=for_training,
+            alignment, num_query_token=self.query_tokens.shape[1], llm_hidden_size=llm_hidden_size,
+            llm_name=llm_name, for_training=for_training,
         )
         width = teacher.llm_hidden_size if teacher is not None else llm_hidden_size
         self.llm_proj = None
@@ -70,14 +71,17 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, Stage1CheckpointMixin, Backbone
         use_grad_checkpoint, vit_precision, freeze_vit, max_txt_len, embed_dim) + bert_model, vit_config,
         alignment_weight (default 10), pformer_checkpoint, llm_hidden_size, llm_name (both optional: checked
         against the P-Former checkpoint when given), load_pretrained / pretrained, load_finetuned / finetuned.
+        All are read and checked here, before anything is built.
         """
-        with hub_load_errors(cfg):
-            model = cls(
-                embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
-                llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
-                llm_name=optional_str(cfg, "llm_name"),
-                **lavis_vit_qformer_kwargs(cfg),
-                **plugin_kwargs(cls, cfg, for_training),
-            )
-        model.load_checkpoint_from_config(cfg)
+        kwargs = dict(
+            embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
+            llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
+            llm_name=optional_str(cfg, "llm_name"),
+            **lavis_vit_qformer_kwargs(cfg),
+            **plugin_kwargs(cls, cfg, for_training),
+        )
+        start, backbones = starting_checkpoint(cfg), backbone_names(cfg)
+        with hub_load_errors(backbones):
+            model = cls(**kwargs)
+        model.load_starting_checkpoint(start)
         return model

@@ -7,11 +7,11 @@
 import torch
 
 from lavis_pformer.backbones import hub_load_errors
-from lavis_pformer.config_checks import as_bool, as_float
 from lavis_pformer.errors import ConfigError, SetupError
-from lavis_pformer.models.common import lavis_vit_qformer_kwargs, plugin_kwargs
-from lavis_pformer.paths import resolve_model_path
+from lavis_pformer.model_keys import (as_bool, as_float, as_precision, backbone_names, lavis_vit_qformer_kwargs,
+                                      model_path, plugin_kwargs, starting_checkpoint)
 from lavis_pformer.precision import LOW_PRECISION
+
 
 class Stage2Mixin:
     """Shared by the OPT and T5 stage-2 models: the frozen LLM's set-up, ``lm_weight`` and the prompt's dtype.
@@ -28,16 +28,17 @@ class Stage2Mixin:
     # None when it is the prompt's own context (Blip2OPT), bfloat16 for Blip2T5 (inside maybe_autocast(bf16)).
     CONCAT_AUTOCAST_DTYPE = None
 
-    def setup_stage2(self, llm_name, llm_precision, alignment_weight, pformer_checkpoint, for_training, lm_weight):
+    def setup_stage2(self, llm_name, llm_precision, alignment, for_training, lm_weight):
         """After LAVIS's constructor: the frozen LLM cast to ``llm_precision`` and left out of checkpoints, the
-        alignment to the P-Former, ``lm_weight`` and the prompt's dtype."""
+        alignment to the P-Former (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`), ``lm_weight``
+        and the prompt's dtype."""
         self._llm_name = llm_name
         llm = self.cast_llm(getattr(self, self.LLM_KEY), llm_precision)
         setattr(self, self.LLM_KEY, llm)
         self.exclude_from_checkpoint(self.LLM_KEY + ".")
         self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=llm.config.hidden_size, llm_name=llm_name, for_training=for_training,
+            alignment, num_query_token=self.query_tokens.shape[1], llm_hidden_size=llm.config.hidden_size,
+            llm_name=llm_name, for_training=for_training,
         )
         self.setup_lm_weight(lm_weight)
         self.setup_prompt_dtype()
@@ -130,17 +131,19 @@ class Stage2Mixin:
         apply_lemmatizer, cross_attention_freq (2, as LAVIS; must be the value of the stage-1 checkpoint it starts
         from), bert_model, vit_config, llm_precision (fp16 for OPT, bf16 for T5), alignment_weight (default 100),
         lm_weight (default 1; 0 = alignment only), pformer_checkpoint, load_pretrained / pretrained (a stage-1
-        checkpoint), load_finetuned / finetuned.
+        checkpoint), load_finetuned / finetuned. All are read and checked here, before anything is built.
         """
-        with hub_load_errors(cfg):
-            model = cls(
-                **{cls.LLM_KEY: resolve_model_path(cfg.get(cls.LLM_KEY, cls.DEFAULT_LLM), f"model.{cls.LLM_KEY}")},
-                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-                prompt=cfg.get("prompt", "") or "",
-                llm_precision=cfg.get("llm_precision", cls.DEFAULT_LLM_PRECISION),
-                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-                **lavis_vit_qformer_kwargs(cfg),
-                **plugin_kwargs(cls, cfg, for_training),
-            )
-        model.load_checkpoint_from_config(cfg)
+        kwargs = dict(
+            **{cls.LLM_KEY: model_path(cfg, cls.LLM_KEY, cls.DEFAULT_LLM)},
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+            prompt=cfg.get("prompt", "") or "",
+            llm_precision=as_precision(cfg, "llm_precision", cls.DEFAULT_LLM_PRECISION),
+            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+            **lavis_vit_qformer_kwargs(cfg),
+            **plugin_kwargs(cls, cfg, for_training),
+        )
+        start, backbones = starting_checkpoint(cfg), backbone_names(cfg)
+        with hub_load_errors(backbones):
+            model = cls(**kwargs)
+        model.load_starting_checkpoint(start)
         return model
