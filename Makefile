@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := output/tiny
 
-.PHONY: install test demo demo-backbones tiny-chain ablation paper tiny clean
+.PHONY: install test demo demo-backbones tiny-chain tiny-shards ablation paper tiny clean
 
 install: $(STAMP)
 
@@ -39,6 +39,15 @@ tiny-chain: tiny
 	$(PY) train.py --cfg-path projects/pformer/tiny/pretrain_stage2_opt.yaml
 	$(PY) evaluate.py --cfg-path projects/pformer/tiny/eval_vqa_opt.yaml
 	$(PY) evaluate.py --cfg-path projects/pformer/tiny/eval_caption_opt.yaml
+
+# The tiny stage 1 (shards mixed with local_caption) and stage 2 (shards alone) from webdataset shards of the tiny
+# world, on 2 gloo ranks x 2 DataLoader workers (docs/data.md, image_text_shards).
+tiny-shards: tiny
+	test -f $(TINY)/shards/00000.tar || $(PY) -m lavis_pformer.datasets.to_shards \
+		--captions $(TINY)/world/captions_train.json --images $(TINY)/world --out $(TINY)/shards --shard-size 8
+	$(PY) train.py --cfg-path projects/pformer/tiny/pretrain_stage0_opt.yaml
+	$(PY) -m torch.distributed.run --nproc_per_node 2 train.py --cfg-path projects/pformer/tiny/pretrain_stage1_shards.yaml
+	$(PY) -m torch.distributed.run --nproc_per_node 2 train.py --cfg-path projects/pformer/tiny/pretrain_stage2_shards.yaml
 
 # The paper's Table-4 grid (w1, w2) for the P-Former arms over 3 seeds, on the demo's world and backbones.
 # On a GPU machine: ABLATION_ARGS="--scale gpu --shared output/ablation/shared".

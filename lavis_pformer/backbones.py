@@ -9,13 +9,11 @@ methods (LAVIS's constructors call them on ``self``) so that the plugin's models
   Blip2OPT / Blip2T5 always build it with 2);
 - ``vit_model``: ``eva_clip_g`` / ``clip_L`` (LAVIS's own code) or ``custom_vit``, a ViT whose size is
   given by ``vit_config`` (patch_size, embed_dim, depth, num_heads, mlp_ratio, checkpoint);
-- ``llm_precision``: dtype of the frozen LLM (``fp16`` as LAVIS; ``bf16``; ``fp32`` for CPU runs);
+- ``llm_precision``: dtype of the frozen LLM (``fp16`` as LAVIS; ``bf16``; ``fp32`` for CPU runs).
 
-and loads checkpoints safely: ``torch.load(weights_only=True)``, ``load_pretrained: False`` to start
-from the backbones alone. A checkpoint tensor that has no place in the model (beyond the stage-1-only
-heads a subclass's ``adapt_state_dict`` drops, as LAVIS does) is an error that names the config key to
-fix, never a warning: loading must not silently drop trained weights. Missing trainable tensors are a
-WARNING when starting from an earlier stage (they start anew) and an error for ``finetuned``.
+It only builds. The keys come read and checked from the model's ``from_config`` (:mod:`lavis_pformer.model_keys`;
+what fits the ViT that ``vit_model`` names, ``vit_config``'s sizes, is checked by that ViT's builder here); what a
+checkpoint holds and how it is loaded is :mod:`lavis_pformer.checkpoints`.
 """
 import contextlib
 import logging
@@ -25,21 +23,16 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from lavis.common.utils import is_url
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer
 from transformers import BertTokenizer
 
-from lavis_pformer.checkpoint_files import (CROSS_ATTENTION, EXTRA_STATE_KEY, QFORMER_LAYER, checkpoint_arch,
-                                            cross_attention_freq_of, cross_attention_layers, load_state_dict_file,
-                                            read_checkpoint)
+from lavis_pformer.checkpoints.files import load_state_dict_file
 from lavis_pformer.errors import CheckpointError, ConfigError, MissingFileError, SetupError
-from lavis_pformer.precision import LOW_PRECISION, cpu_autocast
+from lavis_pformer.precision import DTYPES, LOW_PRECISION, cpu_autocast
 from lavis_pformer.vit_weights import (LAVIS_VIT_FILES, OFFLINE_VARIABLES, lavis_vit_cache_file, lavis_vit_from_file,
                                        offline_mode, weights_fingerprint)
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def bert_tokenizer(bert_model):
@@ -101,28 +94,23 @@ def sentencepiece_conversion_errors():
 # What transformers says when a backbone name is neither a local folder nor a model it can fetch.
 _HUB_LOAD_ERRORS = ("Can't load", "We couldn't connect", "is not a local folder and is not a valid model identifier",
                     "does not appear to have a file named", "Incorrect path_or_model_id")
-BACKBONE_KEYS = ("bert_model", "opt_model", "t5_model")
 
 
 @contextlib.contextmanager
-def hub_load_errors(cfg):
-    """A MissingFileError naming the backbone keys of ``cfg`` when transformers cannot load one of them."""
+def hub_load_errors(backbone_names):
+    """A MissingFileError quoting ``backbone_names`` ({config key: value as given}: ``model_keys.backbone_names``)
+    when transformers cannot load one of the backbones."""
     try:
         yield
     except OSError as e:
         if isinstance(e, MissingFileError) or not any(m in str(e) for m in _HUB_LOAD_ERRORS):
             raise
-        named = ", ".join(f"model.{k}={cfg.get(k)!r}" for k in BACKBONE_KEYS if cfg.get(k) is not None)
+        named = ", ".join(f"model.{key}={value!r}" for key, value in backbone_names.items())
         raise MissingFileError(
             f"a backbone of the model config cannot be loaded ({named}): {str(e).splitlines()[0]} Give an existing "
             "local folder or a hub name; offline (HF_HUB_OFFLINE=1) only local folders and models already in the "
             "cache load."
         ) from None
-
-
-def _drop_non_checkpoint_keys(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k[len(prefix):].startswith(module._non_checkpoint_prefixes)]:
-        del state_dict[key]
 
 
 class BackboneMixin:
@@ -136,36 +124,6 @@ class BackboneMixin:
         object.__setattr__(self, "bert_model", bert_model)
         object.__setattr__(self, "vit_config", dict(vit_config or {}))
         object.__setattr__(self, "_cross_attention_freq", cross_attention_freq)
-
-    def exclude_from_checkpoint(self, *prefixes):
-        """Never put these submodules (frozen LLM, P-Former teacher) into ``state_dict()``.
-
-        LAVIS's runner drops frozen *parameters* from its checkpoints, but not tensors shared with
-        them under another name (OPT's tied ``lm_head.weight``) nor buffers.
-        """
-        if not hasattr(self, "_non_checkpoint_prefixes"):
-            self._non_checkpoint_prefixes = ()
-            self._register_state_dict_hook(_drop_non_checkpoint_keys)
-        self._non_checkpoint_prefixes += tuple(prefixes)
-
-    def _not_in_checkpoint(self, key):
-        """Keys a checkpoint may lack: frozen backbones, excluded modules, and the metadata (older checkpoints)."""
-        return key == EXTRA_STATE_KEY or key.startswith(getattr(self, "_non_checkpoint_prefixes", ())) or key in {
-            n for n, p in self.named_parameters() if not p.requires_grad
-        }
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Strict about what a checkpoint carries: trainable tensors; frozen backbones may be absent.
-
-        (LAVIS's resume and best-checkpoint reload call this with strict=True.)
-        """
-        msg = super().load_state_dict(state_dict, strict=False)
-        missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
-        if strict and (missing or msg.unexpected_keys):
-            raise RuntimeError(
-                f"checkpoint does not match {type(self).__name__}: missing {missing}, unexpected {msg.unexpected_keys}"
-            )
-        return msg
 
     def init_tokenizer(self):
         return bert_tokenizer(self.bert_model)
@@ -242,133 +200,6 @@ class BackboneMixin:
 
     @staticmethod
     def cast_llm(llm, precision):
-        """Cast the frozen LLM to ``llm_precision`` (LAVIS loads OPT in fp16 and T5 in bf16)."""
-        if precision not in DTYPES:
-            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{precision}'")
+        """Cast the frozen LLM to ``llm_precision`` (LAVIS loads OPT in fp16 and T5 in bf16), a name of
+        :data:`~lavis_pformer.precision.DTYPES` (``from_config`` checked it)."""
         return llm.to(DTYPES[precision])
-
-    def load_checkpoint_from_config(self, cfg, **kwargs):
-        """``load_finetuned`` -> ``finetuned``; else ``load_pretrained`` (default True) -> ``pretrained``."""
-        if cfg.get("load_finetuned", False):
-            path = cfg.get("finetuned")
-            if not path:
-                raise ConfigError("model.load_finetuned is True but model.finetuned is empty; give a checkpoint path")
-            return self.load_checkpoint(path, require_complete=True)
-        if cfg.get("load_pretrained", True):
-            path = cfg.get("pretrained")
-            if not path:
-                raise ConfigError(
-                    "model.pretrained is empty; give the previous stage's checkpoint "
-                    "(--options model.pretrained=path/checkpoint_N.pth) or set model.load_pretrained=False "
-                    "to start from the backbones alone"
-                )
-            return self.load_from_pretrained(path)
-        logging.info("load_pretrained is False: starting from the backbones alone")
-
-    def load_from_pretrained(self, url_or_filename):
-        return self.load_checkpoint(url_or_filename)
-
-    def load_checkpoint(self, url_or_filename, require_complete=False):
-        """Load weights; ``require_complete`` (``finetuned`` checkpoints, evaluation) makes any missing
-        trainable tensor an error instead of a warning. A tensor of the checkpoint that the model has no
-        place for (after ``adapt_state_dict``) is always an error: it would be trained work thrown away."""
-        if is_url(url_or_filename):
-            from lavis.common.dist_utils import download_cached_file
-
-            url_or_filename = download_cached_file(url_or_filename, check_hash=False, progress=True)
-        checkpoint = read_checkpoint(url_or_filename, what="model checkpoint")
-        if require_complete:
-            self.check_checkpoint_arch(url_or_filename, checkpoint_arch(checkpoint))
-        state_dict = checkpoint["model"] if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f"model checkpoint: {url_or_filename} does not hold a state dict")
-        state_dict = dict(state_dict)
-        meta = state_dict.pop(EXTRA_STATE_KEY, None)
-        self.check_checkpoint_meta(meta, url_or_filename, "finetuned" if require_complete else "pretrained")
-        state_dict = self.adapt_state_dict(state_dict)
-        try:
-            msg = self.load_state_dict(state_dict, strict=False)
-        except RuntimeError as e:  # size mismatches (raised by torch even with strict=False)
-            mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-            if not mismatches:
-                raise
-            raise CheckpointError(
-                f"{url_or_filename} holds tensors of other shapes than {type(self).__name__} ({len(mismatches)}, e.g. "
-                f"{mismatches[0]}): it was trained with another configuration (model.bert_model, "
-                "model.num_query_token, model.vit_model / vit_config / image_size, or the LLM); use the values of the "
-                "run that wrote it."
-            ) from None
-        missing = [k for k in msg.missing_keys if not self._not_in_checkpoint(k)]
-        self._refuse_dropped_tensors(url_or_filename, state_dict, msg.unexpected_keys, missing)
-        if missing and require_complete:
-            raise CheckpointError(
-                f"{url_or_filename} lacks {len(missing)} tensors that {type(self).__name__} needs (e.g. {missing[:3]}): "
-                "it is not a checkpoint of this model (e.g. a stage-1 or stage-0 checkpoint given for a stage-2 "
-                "model); give the checkpoint of a stage-2 or caption fine-tuning run as model.finetuned"
-            )
-        if missing:
-            logging.warning("%s: %d trainable tensors not in the checkpoint (they start from their initialisation): "
-                            "%s", url_or_filename, len(missing), missing)
-        self.apply_checkpoint_meta(meta)
-        logging.info("loaded checkpoint %s (%d tensors)", url_or_filename, len(state_dict))
-        return msg
-
-    def _refuse_dropped_tensors(self, path, state_dict, unexpected, missing):
-        """A CheckpointError, naming the config key to fix, if trained tensors would be dropped."""
-        if not unexpected and not cross_attention_layers(missing):
-            return
-        name = type(self).__name__
-        problems = []
-        dropped_xattn = [k for k in unexpected if CROSS_ATTENTION.match(k)]
-        if dropped_xattn or cross_attention_layers(missing):
-            theirs = cross_attention_layers(state_dict)
-            ours = cross_attention_layers(k for k, _ in self.named_parameters())
-            layers = [int(m.group(1)) for k in state_dict for m in [QFORMER_LAYER.match(k)] if m]
-            freq = cross_attention_freq_of(theirs, max(layers) + 1 if layers else 0)
-            own = getattr(getattr(getattr(self, "Qformer", None), "config", None), "cross_attention_freq", "?")
-            fix = (f"Set model.cross_attention_freq: {freq}, the value the checkpoint was trained with."
-                   if freq else "Use the model.cross_attention_freq and model.bert_model it was trained with.")
-            losses = [f"{len(dropped_xattn)} trained tensors would be dropped"] if dropped_xattn else []
-            untrained = cross_attention_layers(missing)
-            if untrained:
-                losses.append(f"{len(untrained)} layer(s) would start with untrained cross-attention")
-            problems.append(
-                f"the checkpoint's Q-Former has cross-attention in layers {theirs} but this model (model."
-                f"cross_attention_freq: {own}) builds it in layers {ours}: {' and '.join(losses)}. {fix}"
-            )
-        other = [k for k in unexpected if not CROSS_ATTENTION.match(k)]
-        if other:
-            problems.append(
-                f"{len(other)} tensors have no place in {name} and would be dropped (e.g. {other[:4]}): it is a "
-                "checkpoint of another model, or of a differently sized configuration (model.bert_model, "
-                "model.num_query_token); give a checkpoint of this model or of its previous stage."
-            )
-        raise CheckpointError(f"{path} does not fit {name}: " + " Also: ".join(problems))
-
-    # --- checkpoint metadata: StageCheckpointMixin (stages 1, 2, video) implements these -------------------
-
-    def check_checkpoint_meta(self, meta, path, role):
-        """Refuse a checkpoint whose recorded metadata does not fit this model (``role``: "pretrained",
-        "finetuned" or "resume")."""
-
-    def apply_checkpoint_meta(self, meta):
-        """After loading: take over what the metadata carries (e.g. a ViT that came from no file)."""
-
-    # Archs whose checkpoints this model can evaluate as-is (besides its own), e.g. stock "blip2_opt".
-    compatible_archs = ()
-
-    def check_checkpoint_arch(self, path, arch):
-        """A ``finetuned`` checkpoint must come from a run of this model (or its stock LAVIS twin)."""
-        from lavis.common.registry import registry
-
-        own = {name for name, cls in registry.mapping["model_name_mapping"].items() if cls is type(self)}
-        if arch is not None and arch not in own | set(self.compatible_archs):
-            raise CheckpointError(
-                f"{path} was written by a '{arch}' run, so it is not a checkpoint of this model "
-                f"({', '.join(sorted(own))}); give model.finetuned the checkpoint of a "
-                f"{' / '.join(sorted(own | set(self.compatible_archs)))} run (stage 2 or caption fine-tuning)"
-            )
-
-    def adapt_state_dict(self, state_dict):
-        """Hook for subclasses to rename keys of an earlier stage's checkpoint."""
-        return state_dict

@@ -1,4 +1,5 @@
-"""CPU autocast that behaves like LAVIS's CUDA autocast where the two differ, for running GPU precisions on a CPU.
+"""The precisions a config names (``DTYPES``), and a CPU autocast that behaves like LAVIS's CUDA autocast where the two
+differ, for running GPU precisions on a CPU.
 
 LAVIS runs its fp16 / bf16 backbones under ``torch.cuda.amp.autocast`` (``maybe_autocast``, and the runner's
 ``run.amp``); on a CPU it runs no autocast at all, so a model configured with GPU precisions cannot run there.
@@ -14,6 +15,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # llm_precision and the like
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 _active = [0]
 

@@ -33,6 +33,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import IterableDataset
 
 import lavis.common.logger as lavis_logger
 import lavis.runners.runner_base as lavis_runner_base
@@ -42,7 +43,7 @@ from lavis.common.utils import is_url
 from lavis.datasets.datasets.dataloader_utils import IterLoader
 from lavis.runners.runner_base import RunnerBase
 
-from lavis_pformer.errors import OutputFolderError, ResumeError, SetupError
+from lavis_pformer.errors import ConfigError, OutputFolderError, ResumeError, SetupError
 from lavis_pformer.resume import RNG_SUFFIX, check_resume_file, gather_rng_states, read_rng_states, set_rng_states
 
 def _collective_device():
@@ -182,7 +183,16 @@ class NoPauseIterLoader(IterLoader):
 class RunnerPFormer(RunnerBase):
     """LAVIS's epoch runner, made device-agnostic (see the module docstring). Same config keys."""
 
+    trains_on_streams = False  # LAVIS's epoch loop needs len() of the training loader
+
     def __init__(self, cfg, task, model, datasets, job_id):
+        if not self.trains_on_streams:
+            for name, splits in (datasets or {}).items():
+                if isinstance(splits.get("train"), IterableDataset):
+                    raise ConfigError(
+                        f"datasets.{name} streams its training data without end (no epoch length), which "
+                        f"{cfg.run_cfg.get('runner', 'runner_pformer')} cannot train: set run.runner: runner_iter_pformer "
+                        "with run.max_iters and run.iters_per_inner_epoch (docs/data.md)")
         super().__init__(cfg, task, model, datasets, job_id)
         # runner_base.py:469 calls task.evaluation(model, loader) with its default cuda_enabled=True.
         task.evaluation = functools.partial(task.evaluation, cuda_enabled=self.cuda_enabled)

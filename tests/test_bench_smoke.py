@@ -9,10 +9,10 @@ import torch
 
 from helpers import REPO, import_script
 
-bench_annotations_memory, bench_inference, bench_stage0_throughput, bench_train_step, bench_vq = (
+bench_annotations_memory, bench_inference, bench_shard_loader, bench_stage0_throughput, bench_train_step, bench_vq = (
     import_script(os.path.join(REPO, "bench", f"{name}.py"))
-    for name in ("bench_annotations_memory", "bench_inference", "bench_stage0_throughput", "bench_train_step",
-                 "bench_vq"))
+    for name in ("bench_annotations_memory", "bench_inference", "bench_shard_loader", "bench_stage0_throughput",
+                 "bench_train_step", "bench_vq"))
 
 MACHINE_KEYS = {"cpu", "cpu_cores", "torch_threads", "torch", "date", "device", "gpu"}
 
@@ -153,3 +153,14 @@ def test_bench_stage0_throughput(backbones, tmp_path):
     assert set(data["results"]["lm + c + vq (default)"]["last_losses"]) == {"loss", "loss_lm", "loss_c", "loss_vq"}
     assert set(data["results"]["lm only"]["last_losses"]) == {"loss", "loss_lm"}
     assert positive(data["model"]["trainable_params"])
+
+
+def test_bench_shard_loader(backbones, tmp_path):
+    bench_shard_loader.main(small(backbones, tmp_path) + ["--batch", "2", "--pairs", "16", "--shard-size", "4",
+                                                          "--samples", "8", "--loader-batch", "4"])
+    data = load(tmp_path, "bench_shard_loader")
+    (r,) = data["results"]
+    assert stats_ok(r["loader"]) and stats_ok(r["step"])
+    assert positive(r["loader_rate"]) and positive(r["step_rate"]) and positive(r["worker_vs_step"]["ratio"])
+    assert [row[2] for row in r["workers_per_gpu"]] == [math.ceil(128 / (t * r["loader_rate"])) for t in (0.25, 0.5, 1, 2)]
+    assert positive(r["jpeg_bytes"])

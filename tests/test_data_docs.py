@@ -14,7 +14,7 @@ from lavis.common.config import Config
 from lavis.common.registry import registry
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data.md")
-BUILDERS = ("sentence_corpus", "local_caption", "local_vqa", "video_features_caption")
+BUILDERS = ("sentence_corpus", "local_caption", "image_text_shards", "local_vqa", "video_features_caption")
 
 
 def examples():
@@ -55,6 +55,29 @@ def make_images(root, records, folder="data"):
 
 def test_every_builder_has_examples():
     assert set(examples()) == set(BUILDERS)
+
+
+def test_image_text_shards_example(tmp_path, monkeypatch, capsys):
+    """The page's converter command on its captions file writes the shards its run config reads; the shard listing
+    and the printed lines are the page's."""
+    import webdataset as wds
+
+    from lavis_pformer.datasets import to_shards
+
+    root, doc = str(tmp_path), open(DOC).read()
+    write_example("image_text_shards", root)
+    make_images(root, json.load(open(os.path.join(root, "data/captions_train.json"))))
+    monkeypatch.chdir(root)
+    command, printed = re.search(r"python -m lavis_pformer.datasets.to_shards (.*)\n((?:# .*\n)+)", doc).groups()
+    assert to_shards.main(command.split()) == 0
+    assert capsys.readouterr().out == printed.replace("# ", "").replace("<cwd>", root)
+    first = next(iter(wds.tarfile_samples([{"url": "shards/00000.tar"}])))
+    listing = re.search(r"```text\n(000000000.jpg.*?)```", doc, re.S).group(1)
+    assert f"000000000.json   {first['json'].decode()}" in listing and f"000000000.txt    {first['txt'].decode()}" in listing
+    ds = build("image_text_shards", root, monkeypatch)["train"]
+    items = [item for item, _ in zip(ds, range(12))]
+    assert {i["instance_id"] for i in items} == {"00000.tar/000000000", "00001.tar/000000001", "00002.tar/000000002"}
+    assert items[0]["image"].shape == (3, 224, 224)
 
 
 def test_sentence_corpus_example(tmp_path, monkeypatch):

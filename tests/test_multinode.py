@@ -37,8 +37,8 @@ def bash(cmd, env=(), check=True, cwd=REPO):
     return proc
 
 
-def test_there_are_twenty_run_scripts_and_none_calls_torchrun_itself():
-    assert len(SCRIPTS) == 20
+def test_there_are_twenty_one_run_scripts_and_none_calls_torchrun_itself():
+    assert len(SCRIPTS) == 21
     for script in SCRIPTS:
         text = open(script).read()
         assert "torchrun" not in text and "nproc_per_node" not in text, script

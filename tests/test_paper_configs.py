@@ -89,3 +89,28 @@ def test_vqa_eval_config_builds_lavis_datasets_on_local_files(name, tiny):
     assert task.ques_files[split] == files[2] and task.anno_files[split] == files[3]
     item = dataset[0]
     assert item["image"].shape == (3, 32, 32) and item["text_input"]
+
+
+def test_stage1_laion_config_mixes_coco_vg_and_shards(tiny, tmp_path):
+    """pretrain_stage1_laion.yaml: stage 1's model and optimizer, LAVIS's COCO and VG builders and the shards,
+    mixed by ratio on the iteration runner; its shards section builds on the converter's shards."""
+    from lavis.processors.blip_processors import Blip2ImageTrainProcessor
+
+    from lavis_pformer.datasets.to_shards import convert
+
+    pattern, _, _ = convert([f"{tiny['world']}/captions_train.json"], tiny["world"], str(tmp_path / "shards"), 16)
+    cfg = load("pretrain_stage1_laion.yaml", f"datasets.image_text_shards.build_info.storage={pattern}")
+    stage1, run = load("pretrain_stage1.yaml"), cfg.run_cfg
+    assert cfg.model_cfg == stage1.model_cfg
+    for key in ("task", "lr_sched", "init_lr", "min_lr", "warmup_lr", "warmup_steps", "weight_decay",
+                "batch_size_train", "amp", "seed"):
+        assert run[key] == stage1.run_cfg[key], key
+    assert run.runner == "runner_iter_pformer" and run.max_iters % run.iters_per_inner_epoch == 0
+    assert list(cfg.datasets_cfg) == ["coco_caption", "vg_caption", "image_text_shards"]
+    assert set(run.train_dataset_ratios) == set(cfg.datasets_cfg)
+    assert all(registry.get_builder_class(name) is not None for name in cfg.datasets_cfg)
+    built = registry.get_builder_class("image_text_shards")(cfg.datasets_cfg.image_text_shards).build_datasets()
+    shards = built["train"]
+    assert len(shards.shards) == 4 and shards.sample_format.caption_key == "txt" and shards.bad_share.max_share == 0.01
+    assert isinstance(shards.vis_processor, Blip2ImageTrainProcessor)
+    assert next(iter(shards))["image"].shape == (3, 224, 224)

@@ -40,12 +40,12 @@ def stage2_run_config(tiny, teacher, output_dir):
     return stage2_config(tiny, teacher, output_dir, max_epoch=EPOCHS, batch_size_train=2, warmup_steps=4)
 
 
-def launch(cfg, workdir, name, options=()):
-    """train.py in the background; stdout/stderr go to workdir/<name>.out / .err."""
+def launch(cfg, workdir, name, options=(), script="train.py"):
+    """``script`` (train.py) in the background; stdout/stderr go to workdir/<name>.out / .err."""
     cfg_path = os.path.join(workdir, f"{name}.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(cfg, f)
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--cfg-path", cfg_path]
+    cmd = [sys.executable, os.path.join(REPO, script), "--cfg-path", cfg_path]
     if options:
         cmd += ["--options", *options]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)

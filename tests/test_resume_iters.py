@@ -74,10 +74,6 @@ def test_iteration_settings_are_checked():
         cfg = types.SimpleNamespace(run_cfg=OmegaConf.create(run))
         with pytest.raises(ConfigError, match="must be a positive integer for runner_iter_pformer"):
             RunnerIterPFormer(cfg, None, None, None, "job")
-    cfg = types.SimpleNamespace(run_cfg=OmegaConf.create({"max_iters": 16, "iters_per_inner_epoch": 8,
-                                                          "train_dataset_ratios": {"a": 1}}))
-    with pytest.raises(ConfigError, match="train_dataset_ratios is not supported"):
-        RunnerIterPFormer(cfg, None, None, None, "job")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 from lavis_pformer.datasets.image_text_builders import LocalCaptionBuilder, LocalVQABuilder
 from lavis_pformer.datasets.local_image_text import LocalCaptionDataset, LocalCaptionEvalDataset, LocalVQAEvalDataset
 from lavis_pformer.datasets.sentence_corpus import SentenceCorpusBuilder, SentenceCorpusDataset
+from lavis_pformer.datasets.shard_builder import ImageTextShardsBuilder
+from lavis_pformer.datasets.shard_stream import ShardCaptionDataset
 from lavis_pformer.datasets import video_features  # noqa: F401  (video_features_caption)
 
 __all__ = [
+    "ImageTextShardsBuilder",
     "LocalCaptionBuilder",
     "LocalCaptionDataset",
     "LocalCaptionEvalDataset",
@@ -13,4 +16,5 @@ __all__ = [
     "LocalVQAEvalDataset",
     "SentenceCorpusBuilder",
     "SentenceCorpusDataset",
+    "ShardCaptionDataset",
 ]

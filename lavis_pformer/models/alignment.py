@@ -2,9 +2,9 @@
 
 ``PFormerAlignmentMixin`` goes first in the bases, before the plugin's other mixins and the LAVIS class::
 
-    class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer): ...
-    class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin, BackboneMixin,
-                          Blip2OPT): ...
+    class Blip2QformerPFormer(PFormerAlignmentMixin, Stage1CheckpointMixin, BackboneMixin, Blip2Qformer): ...
+    class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin,
+                          Stage2CheckpointMixin, BackboneMixin, Blip2OPT): ...
 
 The model's own ``forward`` stays LAVIS's: the mixin runs ``super().forward(samples)`` while a forward
 hook captures the FIRST output of one submodule (``alignment_source()``: ``Qformer.bert`` in stage 1,
@@ -14,7 +14,9 @@ stage 2), turns it into the predicted prompt [B, Q, H_llm] (``alignment_predicti
 
 The teacher exists only when the model is built for training with a positive weight
 (``setup_alignment(..., for_training=True)``; the ``*_pformer`` tasks pass ``for_training`` from
-``run.evaluate``). Inference (``load_model``, evaluation runs) never needs the P-Former.
+``run.evaluate``). Inference (``load_model``, evaluation runs) never needs the P-Former. Its keys come read and
+checked, as one :class:`~lavis_pformer.model_keys.AlignmentKeys`, from the model's ``from_config``; what the
+model was aligned to is recorded in its checkpoints (:mod:`~lavis_pformer.checkpoints.records`).
 
 Requirements on the host class: ``self.tokenizer`` (the model's BERT tokenizer) and ``self.max_txt_len``
 exist when ``setup_alignment`` is called; the subclass implements ``alignment_source``,
@@ -31,7 +33,7 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_pformer.losses import alignment_loss
 from lavis_pformer.errors import ConfigError, SetupError
-from lavis_pformer.models.stage_checkpoint import StageCheckpointMixin
+from lavis_pformer.model_keys import starting_checkpoint_key
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
 
 TEACHER = "pformer_teacher"
@@ -73,25 +75,21 @@ def strip_prompt(text, prompt):
     return text
 
 
-class PFormerAlignmentMixin(StageCheckpointMixin):
-    """Frozen P-Former teacher + ``loss_align`` on top of a LAVIS BLIP-2 model (see the module docstring).
-
-    Also records what the model was aligned to in its checkpoints (:mod:`~lavis_pformer.models.stage_checkpoint`).
-    """
+class PFormerAlignmentMixin:
+    """Frozen P-Former teacher + ``loss_align`` on top of a LAVIS BLIP-2 model (see the module docstring)."""
 
     # Paper defaults (docs/method.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.
     DEFAULT_ALIGNMENT_WEIGHT = None
 
-    def setup_alignment(self, alignment_weight, pformer_checkpoint, num_query_token, llm_hidden_size=None,
-                        llm_name=None, for_training=False):
-        """Build the frozen teacher when ``for_training and alignment_weight > 0``; returns it (or None).
+    def setup_alignment(self, alignment, num_query_token, llm_hidden_size=None, llm_name=None, for_training=False):
+        """Build the frozen teacher when ``for_training and alignment.alignment_weight > 0``; returns it (or None).
 
-        Loading is strict (``PFormer.load``): ``num_query_token``, ``llm_hidden_size`` and ``llm_name`` must
-        match the checkpoint's metadata when given (None: not checked), and the teacher's BERT vocabulary
-        must have the size of this model's BERT tokenizer.
+        ``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`. Loading is strict (``PFormer.load``):
+        ``num_query_token``, ``llm_hidden_size`` and ``llm_name`` must match the checkpoint's metadata when given
+        (None: not checked), and the teacher's BERT vocabulary must have the size of this model's BERT tokenizer.
         """
-        self.alignment_weight = float(alignment_weight)
-        self.pformer_checkpoint = pformer_checkpoint or None
+        self.alignment_weight = alignment.alignment_weight
+        self.pformer_checkpoint = alignment.pformer_checkpoint
         self.pformer_teacher = None
         if not (for_training and self.alignment_weight > 0):
             why = "alignment_weight is 0 (BLIP-2 baseline)" if self.alignment_weight <= 0 else \
@@ -208,12 +206,7 @@ class PFormerAlignmentMixin(StageCheckpointMixin):
         evaluation runs go through ``from_config``, where an empty path is an error.
         """
         cfg = OmegaConf.load(cls.default_config_path(model_type)).model
-        if cfg.get("load_finetuned", False):
-            key = "finetuned"
-        elif cfg.get("load_pretrained", True):
-            key = "pretrained"
-        else:
-            key = None
+        key = starting_checkpoint_key(cfg)
         if key is not None and not cfg.get(key):
             logging.warning(
                 "%s/%s: model.%s is empty, so no weights are loaded: the Q-Former and projection are random "

@@ -9,7 +9,7 @@ Stage 1 -> 2: the Q-Former is built with ``cross_attention_freq`` (default 2, as
 value of the stage-1 checkpoint; a ``blip2_qformer_pformer`` checkpoint's ``llm_proj`` initialises
 ``opt_proj``; its stage-1-only tensors (ITC/ITM heads, the Q-Former's text embeddings and text-side
 feed-forward layers) are dropped, as LAVIS does. Any other tensor without a place in the model, and a
-checkpoint aligned to another LLM (see :mod:`~lavis_pformer.models.stage_checkpoint`), is an error.
+checkpoint aligned to another LLM, is an error (:mod:`lavis_pformer.checkpoints`).
 
 Adds what LAVIS 1.0.2's Blip2OPT lacks for zero-shot VQA: ``predict_answers`` (generation after the image
 prompt, :mod:`~lavis_pformer.models.frozen_opt`) and ``apply_lemmatizer``. What it shares with the T5 model
@@ -23,6 +23,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
 from lavis_pformer.backbones import BackboneMixin
+from lavis_pformer.checkpoints.stages import Stage2CheckpointMixin
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin
 from lavis_pformer.models.common import CONFIG_DIR
 from lavis_pformer.models.frozen_opt import FrozenOPTMixin
@@ -30,7 +31,8 @@ from lavis_pformer.models.stage2 import Stage2Mixin
 
 
 @registry.register_model("blip2_opt_pformer")
-class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin, BackboneMixin, Blip2OPT):
+class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, LemmatizerMixin, Stage2CheckpointMixin,
+                      BackboneMixin, Blip2OPT):
     """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -46,15 +48,15 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, Lemmat
     DEFAULT_LLM = "facebook/opt-2.7b"
     DEFAULT_LLM_PRECISION = "fp16"
 
-    def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="fp16",
-                 alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, apply_lemmatizer=False,
-                 for_training=False, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+    def __init__(self, alignment, bert_model="bert-base-uncased", vit_config=None, llm_precision="fp16",
+                 apply_lemmatizer=False, for_training=False, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+        """Arguments: the keys ``from_config`` read (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`)."""
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(**lavis_kwargs)
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
-        self.setup_stage2(lavis_kwargs.get("opt_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
-                          pformer_checkpoint, for_training, lm_weight)
+        self.setup_stage2(lavis_kwargs.get("opt_model", self.DEFAULT_LLM), llm_precision, alignment, for_training,
+                          lm_weight)
 
     @torch.no_grad()
     def predict_answers(self, samples, num_beams=5, inference_method="generate", max_len=10, min_len=1,

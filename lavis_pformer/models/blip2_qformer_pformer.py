@@ -8,7 +8,8 @@ checkpoint carries ``llm_proj`` into stage 2 (``opt_proj`` / ``t5_proj``).
 
 Without a teacher (``alignment_weight: 0`` or built for inference) there is no ``llm_proj`` unless the
 config gives ``llm_hidden_size`` (then it is created, frozen, and not trained), or a loaded checkpoint
-holds one (``load_checkpoint`` then recreates it at the checkpoint's width).
+holds one (``load_checkpoint`` then recreates it at the checkpoint's width:
+:mod:`~lavis_pformer.checkpoints.stages`).
 """
 import logging
 import os
@@ -19,13 +20,15 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_pformer.backbones import BackboneMixin, hub_load_errors
-from lavis_pformer.config_checks import as_int
+from lavis_pformer.checkpoints.stages import Stage1CheckpointMixin
+from lavis_pformer.model_keys import (as_int, backbone_names, lavis_vit_qformer_kwargs, optional_int, optional_str,
+                                      plugin_kwargs, starting_checkpoint)
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
-from lavis_pformer.models.common import CONFIG_DIR, lavis_vit_qformer_kwargs, optional_int, optional_str, plugin_kwargs
+from lavis_pformer.models.common import CONFIG_DIR
 
 
 @registry.register_model("blip2_qformer_pformer")
-class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
+class Blip2QformerPFormer(PFormerAlignmentMixin, Stage1CheckpointMixin, BackboneMixin, Blip2Qformer):
     """forward -> {"loss", "loss_itc", "loss_itm", "loss_lm", "loss_align"} (loss_align only with a teacher)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -35,14 +38,14 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
     compatible_archs = ("blip2", "blip2_feature_extractor")
     DEFAULT_ALIGNMENT_WEIGHT = 10.0
 
-    def __init__(self, bert_model="bert-base-uncased", vit_config=None, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT,
-                 pformer_checkpoint=None, llm_hidden_size=None, llm_name=None, for_training=False,
-                 cross_attention_freq=2, **lavis_kwargs):
+    def __init__(self, alignment, bert_model="bert-base-uncased", vit_config=None, llm_hidden_size=None,
+                 llm_name=None, for_training=False, cross_attention_freq=2, **lavis_kwargs):
+        """Arguments: the keys ``from_config`` read (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`)."""
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(cross_attention_freq=cross_attention_freq, **lavis_kwargs)
         teacher = self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=llm_hidden_size, llm_name=llm_name, for_training=for_training,
+            alignment, num_query_token=self.query_tokens.shape[1], llm_hidden_size=llm_hidden_size,
+            llm_name=llm_name, for_training=for_training,
         )
         width = teacher.llm_hidden_size if teacher is not None else llm_hidden_size
         self.llm_proj = None
@@ -62,28 +65,23 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
     def lavis_loss_terms(self, output):
         return {"loss_itc": output.loss_itc, "loss_itm": output.loss_itm, "loss_lm": output.loss_lm}
 
-    def adapt_state_dict(self, state_dict):
-        """A checkpoint with ``llm_proj`` restores it even if this model was built without one."""
-        weight = state_dict.get("llm_proj.weight")
-        if self.llm_proj is None and weight is not None:
-            self.llm_proj = nn.Linear(weight.shape[1], weight.shape[0]).to(self.query_tokens.device)
-            logging.info("created llm_proj (width %d) for the checkpoint's weights", weight.shape[0])
-        return state_dict
-
     @classmethod
     def from_config(cls, cfg, for_training=False):
         """Keys: Blip2Qformer's (vit_model, image_size, num_query_token, cross_attention_freq, drop_path_rate,
         use_grad_checkpoint, vit_precision, freeze_vit, max_txt_len, embed_dim) + bert_model, vit_config,
         alignment_weight (default 10), pformer_checkpoint, llm_hidden_size, llm_name (both optional: checked
         against the P-Former checkpoint when given), load_pretrained / pretrained, load_finetuned / finetuned.
+        All are read and checked here, before anything is built.
         """
-        with hub_load_errors(cfg):
-            model = cls(
-                embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
-                llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
-                llm_name=optional_str(cfg, "llm_name"),
-                **lavis_vit_qformer_kwargs(cfg),
-                **plugin_kwargs(cls, cfg, for_training),
-            )
-        model.load_checkpoint_from_config(cfg)
+        kwargs = dict(
+            embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
+            llm_hidden_size=optional_int(cfg, "llm_hidden_size"),
+            llm_name=optional_str(cfg, "llm_name"),
+            **lavis_vit_qformer_kwargs(cfg),
+            **plugin_kwargs(cls, cfg, for_training),
+        )
+        start, backbones = starting_checkpoint(cfg), backbone_names(cfg)
+        with hub_load_errors(backbones):
+            model = cls(**kwargs)
+        model.load_starting_checkpoint(start)
         return model

@@ -23,6 +23,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_pformer.backbones import BackboneMixin, sentencepiece_conversion_errors
+from lavis_pformer.checkpoints.stages import Stage2CheckpointMixin
 from lavis_pformer.models.alignment import LemmatizerMixin, PFormerAlignmentMixin, strip_prompt
 from lavis_pformer.models.common import CONFIG_DIR
 from lavis_pformer.models.stage2 import Stage2Mixin
@@ -34,7 +35,8 @@ def _as_list(texts):
 
 
 @registry.register_model("blip2_t5_pformer")
-class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, BackboneMixin, Blip2T5):
+class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Stage2CheckpointMixin, BackboneMixin,
+                     Blip2T5):
     """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -50,15 +52,15 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
     DEFAULT_LLM_PRECISION = "bf16"
     CONCAT_AUTOCAST_DTYPE = torch.bfloat16  # Blip2T5.forward concatenates under maybe_autocast(dtype=bfloat16)
 
-    def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
-                 alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
-                 split_seed=0, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+    def __init__(self, alignment, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
+                 for_training=False, split_seed=0, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+        """Arguments: the keys ``from_config`` read (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`)."""
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         with sentencepiece_conversion_errors():
             super().__init__(**lavis_kwargs)  # casts T5 to bf16
         self.rng = random.Random(split_seed)
-        self.setup_stage2(lavis_kwargs.get("t5_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
-                          pformer_checkpoint, for_training, lm_weight)
+        self.setup_stage2(lavis_kwargs.get("t5_model", self.DEFAULT_LLM), llm_precision, alignment, for_training,
+                          lm_weight)
 
     def prepare_lavis_samples(self, samples):
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.

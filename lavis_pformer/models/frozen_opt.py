@@ -10,18 +10,15 @@ from transformers import AutoTokenizer
 
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.backbones import DTYPES
-from lavis_pformer.errors import ConfigError
+from lavis_pformer.precision import DTYPES
 
 
 class FrozenOPTMixin:
     """Needs ``opt_model``, ``opt_tokenizer`` and ``eos_token_id`` (set by :meth:`setup_opt` or LAVIS's Blip2OPT)."""
 
     def setup_opt(self, opt_model, llm_precision, prompt, max_txt_len):
-        """The frozen OPT, its tokenizer and the caption prompt, as LAVIS's ``Blip2OPT.__init__`` sets them up;
-        the OPT is left out of checkpoints."""
-        if llm_precision not in DTYPES:
-            raise ConfigError(f"model.llm_precision must be one of {sorted(DTYPES)}, got '{llm_precision}'")
+        """The frozen OPT (in ``llm_precision``, a name of :data:`~lavis_pformer.precision.DTYPES`), its tokenizer
+        and the caption prompt, as LAVIS's ``Blip2OPT.__init__`` sets them up; the OPT is left out of checkpoints."""
         self.opt_tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
         self.opt_model = OPTForCausalLM.from_pretrained(opt_model, torch_dtype=DTYPES[llm_precision])
         for param in self.opt_model.parameters():

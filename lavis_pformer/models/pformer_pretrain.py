@@ -15,17 +15,18 @@ import torch
 from lavis.models.blip2_models.blip2 import Blip2Base
 
 from lavis_pformer.backbones import BackboneMixin, bert_tokenizer, hub_load_errors
-from lavis_pformer.config_checks import as_bool, as_float, as_int
+from lavis_pformer.checkpoints.loading import CheckpointMixin
 from lavis_pformer.errors import ConfigError
-from lavis_pformer.paths import resolve_model_path
 from lavis_pformer.losses import two_view_contrastive_loss, vq_commitment_loss
+from lavis_pformer.model_keys import (as_bool, as_float, as_int, as_precision, backbone_names, model_path,
+                                      starting_checkpoint)
 from lavis_pformer.pformer import PFormer
 from lavis_pformer.text import QA_PROMPT, mask_tokens
 
 PFORMER_EXPORT_NAME = "pformer.pth"
 
 
-class PFormerPretrain(BackboneMixin, Blip2Base):
+class PFormerPretrain(CheckpointMixin, BackboneMixin, Blip2Base):
     """P-Former + frozen LLM.  forward -> {"loss", "loss_lm", "loss_c", "loss_vq"} (weighted terms)."""
 
     # Set by the OPT / T5 variant: the LLM's config key and the config defaults that differ between them.
@@ -139,22 +140,25 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
     @classmethod
     def from_config(cls, cfg):
         """Keys: ``LLM_KEY`` (opt_model / t5_model), llm_precision, mask_prob, vq_weight (defaults of the OPT / T5
-        variant) and those of :meth:`common_kwargs`."""
-        with hub_load_errors(cfg):
-            model = cls(
-                **{cls.LLM_KEY: resolve_model_path(cfg.get(cls.LLM_KEY, cls.DEFAULT_LLM), f"model.{cls.LLM_KEY}")},
-                llm_precision=cfg.get("llm_precision", cls.DEFAULT_LLM_PRECISION),
-                mask_prob=as_float(cfg, "mask_prob", cls.DEFAULT_MASK_PROB, minimum=0),
-                vq_weight=as_float(cfg, "vq_weight", cls.DEFAULT_VQ_WEIGHT, minimum=0),
-                **cls.common_kwargs(cfg),
-            )
-        return model.finish_from_config(cfg)
+        variant), those of :meth:`common_kwargs`, load_pretrained / pretrained, load_finetuned / finetuned. All are
+        read and checked here, before anything is built."""
+        kwargs = dict(
+            **{cls.LLM_KEY: model_path(cfg, cls.LLM_KEY, cls.DEFAULT_LLM)},
+            llm_precision=as_precision(cfg, "llm_precision", cls.DEFAULT_LLM_PRECISION),
+            mask_prob=as_float(cfg, "mask_prob", cls.DEFAULT_MASK_PROB, minimum=0),
+            vq_weight=as_float(cfg, "vq_weight", cls.DEFAULT_VQ_WEIGHT, minimum=0),
+            **cls.common_kwargs(cfg),
+        )
+        start, backbones = starting_checkpoint(cfg), backbone_names(cfg)
+        with hub_load_errors(backbones):
+            model = cls(**kwargs)
+        return model.finish_from_config(start)
 
     @classmethod
     def common_kwargs(cls, cfg):
         """Config keys shared by the OPT and T5 variants, type-checked."""
         return dict(
-            bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
+            bert_model=model_path(cfg, "bert_model", "bert-base-uncased"),
             num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
             max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
             embed_dim=as_int(cfg, "embed_dim", 256, minimum=1),
@@ -168,8 +172,9 @@ class PFormerPretrain(BackboneMixin, Blip2Base):
             llm_train_mode=as_bool(cfg, "llm_train_mode", True),
         )
 
-    def finish_from_config(self, cfg):
-        self.load_checkpoint_from_config(cfg)
+    def finish_from_config(self, start):
+        """Load ``start`` (the :class:`~lavis_pformer.model_keys.StartingCheckpoint` ``from_config`` read, or None)."""
+        self.load_starting_checkpoint(start)
         logging.info(
             "P-Former stage 0: Q=%d, LLM %s, weights %s, mask_prob %.2f, LLM in %s mode while training, "
             "contrastive gradient through %s",

@@ -1,40 +1,26 @@
 """Stage 2, shared by OPT and T5: what ``blip2_opt_pformer`` and ``blip2_t5_pformer`` add to LAVIS's models.
 
-``<llm>_proj`` starts from stage 1's ``llm_proj`` (the stage-1-only tensors are dropped, as LAVIS does),
-``lm_weight`` scales LAVIS's LM loss, and one ``from_config`` reads the config of both.
+``lm_weight`` scales LAVIS's LM loss, the prompt is kept concatenable for every LLM precision, and one
+``from_config`` reads the config of both. ``<llm>_proj`` starts from stage 1's ``llm_proj``
+(:mod:`~lavis_pformer.checkpoints.stages`).
 """
-import logging
-import re
-
 import torch
 
 from lavis_pformer.backbones import hub_load_errors
-from lavis_pformer.config_checks import as_bool, as_float
-from lavis_pformer.errors import CheckpointError, ConfigError, SetupError
-from lavis_pformer.models.common import lavis_vit_qformer_kwargs, plugin_kwargs
-from lavis_pformer.paths import resolve_model_path
+from lavis_pformer.errors import ConfigError, SetupError
+from lavis_pformer.model_keys import (as_bool, as_float, as_precision, backbone_names, lavis_vit_qformer_kwargs,
+                                      model_path, plugin_kwargs, starting_checkpoint)
 from lavis_pformer.precision import LOW_PRECISION
-
-# Tensors of a stage-1 checkpoint that stage 2 has no place for (LAVIS drops them with strict=False): the
-# ITC / ITM / ITG heads, the Q-Former's text embeddings and the text-side feed-forward of every layer.
-STAGE1_ONLY_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "Qformer.cls.",
-                        "Qformer.bert.embeddings.word_embeddings.", "Qformer.bert.embeddings.position_embeddings.")
-STAGE1_ONLY_KEYS = ("temp",)
-_TEXT_FFN = re.compile(r"^Qformer\.bert\.encoder\.layer\.\d+\.(output|intermediate)\.")
-
-
-def is_stage1_only(key):
-    return key.startswith(STAGE1_ONLY_PREFIXES) or key in STAGE1_ONLY_KEYS or bool(_TEXT_FFN.match(key))
 
 
 class Stage2Mixin:
-    """Shared by the OPT and T5 stage-2 models: ``<llm>_proj`` from stage 1's ``llm_proj``, and ``lm_weight``.
+    """Shared by the OPT and T5 stage-2 models: the frozen LLM's set-up, ``lm_weight`` and the prompt's dtype.
 
     ``lm_weight`` (default 1) scales LAVIS's LM loss; ``lm_weight: 0`` trains on the alignment loss alone
     (the reference's alignment-only stage 2): the LLM is then not run in ``forward``.
     """
 
-    PROJ = None  # "opt_proj" / "t5_proj"
+    PROJ = None  # "opt_proj" / "t5_proj" (Stage2CheckpointMixin renames stage 1's llm_proj to it)
     LLM_KEY = None  # "opt_model" / "t5_model": the config key and attribute of the LLM
     DEFAULT_LLM = None  # the LLM when the config names none
     DEFAULT_LLM_PRECISION = None  # llm_precision when the config gives none
@@ -42,16 +28,17 @@ class Stage2Mixin:
     # None when it is the prompt's own context (Blip2OPT), bfloat16 for Blip2T5 (inside maybe_autocast(bf16)).
     CONCAT_AUTOCAST_DTYPE = None
 
-    def setup_stage2(self, llm_name, llm_precision, alignment_weight, pformer_checkpoint, for_training, lm_weight):
+    def setup_stage2(self, llm_name, llm_precision, alignment, for_training, lm_weight):
         """After LAVIS's constructor: the frozen LLM cast to ``llm_precision`` and left out of checkpoints, the
-        alignment to the P-Former, ``lm_weight`` and the prompt's dtype."""
+        alignment to the P-Former (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`), ``lm_weight``
+        and the prompt's dtype."""
         self._llm_name = llm_name
         llm = self.cast_llm(getattr(self, self.LLM_KEY), llm_precision)
         setattr(self, self.LLM_KEY, llm)
         self.exclude_from_checkpoint(self.LLM_KEY + ".")
         self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=llm.config.hidden_size, llm_name=llm_name, for_training=for_training,
+            alignment, num_query_token=self.query_tokens.shape[1], llm_hidden_size=llm.config.hidden_size,
+            llm_name=llm_name, for_training=for_training,
         )
         self.setup_lm_weight(lm_weight)
         self.setup_prompt_dtype()
@@ -130,35 +117,6 @@ class Stage2Mixin:
         self.projected_queries(samples["image"])
         return {"loss": None}
 
-    def adapt_state_dict(self, state_dict):
-        """A stage-1 checkpoint: ``llm_proj.*`` becomes ``<llm>_proj.*`` and its stage-1-only tensors are
-        dropped; anything else it holds must fit this model (``load_checkpoint`` refuses the rest)."""
-        if f"{self.PROJ}.weight" in state_dict:
-            return state_dict  # a stage-2 checkpoint
-        proj = getattr(self, self.PROJ)
-        if "llm_proj.weight" in state_dict:
-            width = state_dict["llm_proj.weight"].shape[0]
-            if width != proj.out_features:
-                raise CheckpointError(
-                    f"the stage-1 checkpoint's llm_proj has width {width} but this model's LLM needs "
-                    f"{proj.out_features}: stage 1 was trained with a P-Former for another LLM"
-                )
-        own = set(self.state_dict())
-        adapted, dropped = {}, []
-        for key, value in state_dict.items():
-            if key.startswith("llm_proj."):
-                adapted[self.PROJ + key[len("llm_proj"):]] = value
-            elif key not in own and is_stage1_only(key):
-                dropped.append(key)
-            else:
-                adapted[key] = value
-        if dropped:
-            logging.info("stage-1 checkpoint: %s; %d stage-1-only tensors (ITC/ITM/ITG heads, text embeddings and "
-                         "text feed-forward layers) dropped, as LAVIS does",
-                         f"llm_proj -> {self.PROJ}" if "llm_proj.weight" in state_dict else "no llm_proj",
-                         len(dropped))
-        return adapted
-
     def _check_inference_method(self, inference_method):
         if inference_method != "generate":
             raise ConfigError(
@@ -173,17 +131,19 @@ class Stage2Mixin:
         apply_lemmatizer, cross_attention_freq (2, as LAVIS; must be the value of the stage-1 checkpoint it starts
         from), bert_model, vit_config, llm_precision (fp16 for OPT, bf16 for T5), alignment_weight (default 100),
         lm_weight (default 1; 0 = alignment only), pformer_checkpoint, load_pretrained / pretrained (a stage-1
-        checkpoint), load_finetuned / finetuned.
+        checkpoint), load_finetuned / finetuned. All are read and checked here, before anything is built.
         """
-        with hub_load_errors(cfg):
-            model = cls(
-                **{cls.LLM_KEY: resolve_model_path(cfg.get(cls.LLM_KEY, cls.DEFAULT_LLM), f"model.{cls.LLM_KEY}")},
-                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-                prompt=cfg.get("prompt", "") or "",
-                llm_precision=cfg.get("llm_precision", cls.DEFAULT_LLM_PRECISION),
-                apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
-                **lavis_vit_qformer_kwargs(cfg),
-                **plugin_kwargs(cls, cfg, for_training),
-            )
-        model.load_checkpoint_from_config(cfg)
+        kwargs = dict(
+            **{cls.LLM_KEY: model_path(cfg, cls.LLM_KEY, cls.DEFAULT_LLM)},
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+            prompt=cfg.get("prompt", "") or "",
+            llm_precision=as_precision(cfg, "llm_precision", cls.DEFAULT_LLM_PRECISION),
+            apply_lemmatizer=as_bool(cfg, "apply_lemmatizer", False),
+            **lavis_vit_qformer_kwargs(cfg),
+            **plugin_kwargs(cls, cfg, for_training),
+        )
+        start, backbones = starting_checkpoint(cfg), backbone_names(cfg)
+        with hub_load_errors(backbones):
+            model = cls(**kwargs)
+        model.load_starting_checkpoint(start)
         return model

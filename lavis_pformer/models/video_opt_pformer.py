@@ -15,17 +15,19 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 
 from lavis_pformer.backbones import BackboneMixin, hub_load_errors
-from lavis_pformer.config_checks import as_float, as_int
+from lavis_pformer.checkpoints.loading import CheckpointMixin
+from lavis_pformer.checkpoints.records import StageRecordsMixin
 from lavis_pformer.errors import ConfigError, SetupError
+from lavis_pformer.model_keys import (AlignmentKeys, as_float, as_int, as_precision, backbone_names, model_path,
+                                      optional_str, starting_checkpoint)
 from lavis_pformer.models.alignment import PFormerAlignmentMixin
-from lavis_pformer.models.common import CONFIG_DIR, optional_str
+from lavis_pformer.models.common import CONFIG_DIR
 from lavis_pformer.models.frozen_opt import FrozenOPTMixin
-from lavis_pformer.paths import resolve_model_path
 
 FEATURES_KEY, MASK_KEY = "clip_features", "clip_mask"
 
 
-class VideoOPT(FrozenOPTMixin, BackboneMixin, Blip2Base):
+class VideoOPT(FrozenOPTMixin, CheckpointMixin, BackboneMixin, Blip2Base):
     """The video captioner without the P-Former side: connector + projection + frozen OPT."""
 
     def __init__(self, bert_model="bert-base-uncased", num_query_token=32, cross_attention_freq=2, feat_dim=1024,
@@ -110,7 +112,7 @@ class VideoOPT(FrozenOPTMixin, BackboneMixin, Blip2Base):
 
 
 @registry.register_model("video_opt_pformer")
-class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
+class VideoOPTPFormer(PFormerAlignmentMixin, StageRecordsMixin, VideoOPT):
     """forward -> {"loss", "loss_lm", "loss_align"} (loss_align only with a teacher, loss_lm only if lm_weight > 0)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -122,12 +124,11 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
     LLM_KEY = "opt_model"
     VISION_WIDTH_KEY = "model.feat_dim"
 
-    def __init__(self, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
-                 **video_kwargs):
+    def __init__(self, alignment, for_training=False, **video_kwargs):
+        """Arguments: the keys ``from_config`` read (``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`)."""
         super().__init__(**video_kwargs)
         self.setup_alignment(
-            alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
-            llm_hidden_size=self.opt_model.config.hidden_size,
+            alignment, num_query_token=self.query_tokens.shape[1], llm_hidden_size=self.opt_model.config.hidden_size,
             llm_name=video_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
         )
         if self.lm_weight == 0 and self.alignment_weight == 0:
@@ -156,25 +157,27 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
     def from_config(cls, cfg, for_training=False):
         """Keys: bert_model, num_query_token (32), cross_attention_freq (2), feat_dim (1024), max_clips (32),
         opt_model, llm_precision (fp16), prompt (""), max_txt_len (32), lm_weight (1), alignment_weight (100),
-        pformer_checkpoint, load_pretrained / pretrained, load_finetuned / finetuned.
+        pformer_checkpoint, load_pretrained / pretrained, load_finetuned / finetuned. All are read and checked
+        here, before anything is built.
         """
-        with hub_load_errors(cfg):
-            model = cls(
-                bert_model=resolve_model_path(cfg.get("bert_model", "bert-base-uncased"), "model.bert_model"),
-                num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
-                cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
-                feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
-                max_clips=as_int(cfg, "max_clips", 32, minimum=1),
-                opt_model=resolve_model_path(cfg.get("opt_model", "facebook/opt-2.7b"), "model.opt_model"),
-                llm_precision=cfg.get("llm_precision", "fp16"),
-                prompt=optional_str(cfg, "prompt") or "",
-                max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
-                lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
-                alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
-                pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
-                for_training=bool(for_training),
-            )
-        model.load_checkpoint_from_config(cfg)
+        kwargs = dict(
+            bert_model=model_path(cfg, "bert_model", "bert-base-uncased"),
+            num_query_token=as_int(cfg, "num_query_token", 32, minimum=1),
+            cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
+            feat_dim=as_int(cfg, "feat_dim", 1024, minimum=1),
+            max_clips=as_int(cfg, "max_clips", 32, minimum=1),
+            opt_model=model_path(cfg, "opt_model", "facebook/opt-2.7b"),
+            llm_precision=as_precision(cfg, "llm_precision", "fp16"),
+            prompt=optional_str(cfg, "prompt") or "",
+            max_txt_len=as_int(cfg, "max_txt_len", 32, minimum=2),
+            lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
+            alignment=AlignmentKeys(cfg, cls.DEFAULT_ALIGNMENT_WEIGHT),
+            for_training=bool(for_training),
+        )
+        start, backbones = starting_checkpoint(cfg), backbone_names(cfg)
+        with hub_load_errors(backbones):
+            model = cls(**kwargs)
+        model.load_starting_checkpoint(start)
         logging.info("%s: %d trainable parameters", cls.__name__,
                      sum(p.numel() for p in model.parameters() if p.requires_grad))
         return model

@@ -1,5 +1,5 @@
 """Checkpoint files: read safely (``torch.load(weights_only=True)``, errors that name the file) and what their
-tensor names tell (the run's arch, the Q-Former layers with cross-attention)."""
+entries and tensor names tell (the run's arch, the stage record, the Q-Former layers with cross-attention)."""
 import os
 import re
 
@@ -18,14 +18,18 @@ def read_checkpoint(path, what="checkpoint"):
         raise CheckpointError(f"{what}: cannot read {path} as a weights-only torch checkpoint ({e})") from e
 
 
-def load_state_dict_file(path, what="checkpoint"):
-    """The state dict of a checkpoint file (its "model" entry if it has one)."""
-    checkpoint = read_checkpoint(path, what)
+def state_dict_of(checkpoint, path, what="checkpoint"):
+    """The state dict of a checkpoint read from ``path`` (its "model" entry if it has one)."""
     if isinstance(checkpoint, dict) and "model" in checkpoint:
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{what}: {path} does not hold a state dict")
     return checkpoint
+
+
+def load_state_dict_file(path, what="checkpoint"):
+    """The state dict of a checkpoint file (its "model" entry if it has one)."""
+    return state_dict_of(read_checkpoint(path, what), path, what)
 
 
 def checkpoint_arch(checkpoint):

@@ -24,6 +24,7 @@ import logging
 
 from lavis.common.registry import registry
 
+from lavis_pformer.checkpoints.loading import CheckpointMixin
 from lavis_pformer.errors import CheckpointError
 from lavis_pformer.paths import same_model_name
 
@@ -31,11 +32,13 @@ STAGE_FORMAT = "lavis_pformer/stage-checkpoint-v1"
 QFORMER_FIELDS = ("num_query_token", "cross_attention_freq", "num_hidden_layers", "hidden_size", "encoder_width")
 
 
-class StageCheckpointMixin:
-    """``get_extra_state`` / ``set_extra_state`` and the checks of ``BackboneMixin.load_checkpoint``.
+class StageRecordsMixin(CheckpointMixin):
+    """``get_extra_state`` / ``set_extra_state`` and the record's checks in ``CheckpointMixin.load_checkpoint``.
 
     The host may set ``_llm_name`` (the configured LLM), ``LLM_KEY`` (its config key, e.g. "opt_model") and
-    ``VISION_WIDTH_KEY`` (what sets the Q-Former's ``encoder_width``).
+    ``VISION_WIDTH_KEY`` (what sets the Q-Former's ``encoder_width``); the record reads its P-Former teacher
+    (``pformer_teacher``, ``pformer_checkpoint``: :mod:`~lavis_pformer.models.alignment`) and where its ViT came
+    from (``_vit_origin``: :mod:`~lavis_pformer.backbones`).
     """
 
     LLM_KEY = None
