@@ -106,3 +106,38 @@ def test_plan_runs_each_run_once_and_chains_them(smoke_world):
 def _paper(out, *extra):
     return subprocess.run([sys.executable, "-m", "lavis_pformer.demo.paper", "--scale", "smoke", "--out", str(out),
                            *extra], cwd=REPO, capture_output=True, text=True, timeout=1800)
+
+
+def test_make_paper_at_smoke_scale_writes_every_table_with_evaluator_numbers(tmp_path):
+    """One world, every table: real runs through train.py / evaluate.py, LAVIS's evaluators, the report."""
+    proc = _paper(tmp_path, "--worlds", "5", "--tables", "all")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["failed"] == [] and results["worlds"] == [5]
+    for table in tables.TABLES:
+        got = results["tables"][table.key]
+        assert set(got["cells"]) == {a.name for a in table.arms}, table.key
+        for arm in table.arms:
+            for metric, _ in table.metrics:
+                if arm.finetune and metric.startswith("vqa"):
+                    continue  # no VQA after caption fine-tuning
+                value = got["cells"][arm.name][metric]["per_world"]["5"]
+                assert isinstance(value, float) and 0.0 <= value <= (10.0 if "cider" in metric else 1.0), \
+                    (table.key, arm.name, metric)
+        for claim in got["claims"]:
+            assert claim["direction"] in (scoring.AGREES, scoring.WITHIN, scoring.OPPOSITE), claim["label"]
+    world = results["per_world"]["5"]
+    # the caption metrics come from LAVIS's COCO scorers and the world's own captions, on the three splits
+    assert {"cider_val", "cider_test", "cider_test_ood", "bleu4_test", "cap_obj_test_ood"} <= set(world["opt_w0_0"])
+    teachers = tables.teachers_of(tables.arms_of(tables.TABLES))
+    assert len(results["ceilings"]) == 1 + len(teachers) + 1  # the text ceilings of OPT and T5, every teacher
+    for ceiling in results["ceilings"].values():
+        assert set(ceiling["per_world"]["5"]) == {"test", "test_ood"}
+    text = (tmp_path / "results.md").read_text()
+    assert "## Directions" in text and "## Teacher ceilings" in text and "Wall time" in text
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings["costs"]) == set(tables.TABLE_KEYS)
+    # the report alone rebuilds the same results from the runs
+    again = _paper(tmp_path, "--worlds", "5", "--tables", "all", "--report-only")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
