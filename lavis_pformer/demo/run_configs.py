@@ -1,9 +1,19 @@
 """The ``train.py`` / ``evaluate.py`` configs of the demo's runs: stage 0, 1, 2, zero-shot VQA and captioning, on the
-shapes world and the frozen backbones of a pipeline context (``pipeline.prepare``)."""
+shapes world and the frozen backbones of a pipeline context (``pipeline.prepare``).
+
+``llm`` chooses the frozen LM of stages 0 and 2 and of the evaluations: "opt" (the demo's) or "t5" (the
+encoder-decoder LM of the backbones' ``t5/``). Stage 1 has no LM; its teacher may be either P-Former.
+"""
 import json
 import os
 
 from lavis_pformer.text import QA_PROMPT
+
+# Per frozen LM: the stage-0 and stage-2 archs, the model key of its folder and the context key holding that folder.
+LLMS = {
+    "opt": {"stage0": "pformer_opt", "stage2": "blip2_opt_pformer", "key": "opt_model", "ctx": "lm"},
+    "t5": {"stage0": "pformer_t5", "stage2": "blip2_t5_pformer", "key": "t5_model", "ctx": "t5"},
+}
 
 
 def repeated_pairs(world, data_dir, repeat):
@@ -44,12 +54,18 @@ def _train_sched(stage, log_freq=10):
                 train_splits=["train"])
 
 
+def _llm(ctx, llm):
+    """Model keys of the frozen LM ``llm`` ("opt" or "t5"): its folder, fp32."""
+    if llm not in LLMS:
+        raise ValueError(f"llm must be one of {sorted(LLMS)}, got {llm!r}")
+    return {LLMS[llm]["key"]: ctx[LLMS[llm]["ctx"]], "llm_precision": "fp32"}
+
+
 def _vision(ctx):
-    """Model keys every image stage shares: the frozen backbones and the Q-Former's shape."""
+    """Model keys every image stage shares: the frozen ViT, the starting BERT and the Q-Former's shape."""
     vit = dict(ctx["recipe"]["vit"]["config"], checkpoint=ctx["vit"])
     return dict(vit_model="custom_vit", vit_config=vit, image_size=32, vit_precision="fp32", freeze_vit=True,
-                bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], cross_attention_freq=1,
-                opt_model=ctx["lm"], llm_precision="fp32")
+                bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], cross_attention_freq=1)
 
 
 def _caption_data(ctx, splits=("train",), storage=None):
@@ -70,14 +86,14 @@ def run_dir(ctx, name):
     return os.path.join(ctx["runs"], name, "latest")
 
 
-def stage0_cfg(ctx, name, qa):
+def stage0_cfg(ctx, name, qa, llm="opt"):
     s0 = ctx["scale"]["stage0"]
     src = "qa_triples.jsonl" if qa else "sentences.txt"
     data = subset(os.path.join(ctx["world"], src),
                   os.path.join(ctx["data"], f"stage0_{'qa' if qa else 'sent'}_{s0['lines']}"
                                + (".jsonl" if qa else ".txt")), s0["lines"])
-    model = {"arch": "pformer_opt", "model_type": "tiny", "bert_model": ctx["bert"], "opt_model": ctx["lm"],
-             "llm_precision": "fp32", "num_query_token": ctx["scale"]["num_query_token"], "max_txt_len": 32,
+    model = {"arch": LLMS[llm]["stage0"], "model_type": "tiny", "bert_model": ctx["bert"], **_llm(ctx, llm),
+             "num_query_token": ctx["scale"]["num_query_token"], "max_txt_len": 32,
              "embed_dim": 64, "mask_prob": 0.25, "lm_weight": 1.0, "contrastive_weight": 1.0, "vq_weight": 1.0,
              "label_smoothing": 0.1, "qa_weight": s0["qa_weight"] if qa else 0.0}
     return {"model": model,
@@ -89,29 +105,28 @@ def stage1_cfg(ctx, name, w1, stage0):
     s1 = ctx["scale"]["stage1"]
     model = dict(arch="blip2_qformer_pformer", model_type="tiny", embed_dim=64, max_txt_len=32, alignment_weight=w1,
                  pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w1 else "", **_vision(ctx))
-    for key in ("opt_model", "llm_precision"):  # stage 1 has no LLM
-        model.pop(key)
     pairs = repeated_pairs(ctx["world"], ctx["data"], s1["repeat"])
     return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s1))}
 
 
-def stage2_cfg(ctx, name, w2, stage0, stage1):
+def stage2_cfg(ctx, name, w2, stage0, stage1, llm="opt"):
     s2 = ctx["scale"]["stage2"]
-    model = dict(arch="blip2_opt_pformer", model_type="tiny", max_txt_len=32, alignment_weight=w2, prompt="",
+    model = dict(arch=LLMS[llm]["stage2"], model_type="tiny", max_txt_len=32, alignment_weight=w2, prompt="",
                  pretrained=os.path.join(run_dir(ctx, stage1), "checkpoint_last.pth"),
-                 pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w2 else "", **_vision(ctx))
+                 pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w2 else "", **_vision(ctx),
+                 **_llm(ctx, llm))
     pairs = repeated_pairs(ctx["world"], ctx["data"], s2["repeat"])
     return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s2))}
 
 
-def _eval_model(ctx, stage2):
-    return dict(arch="blip2_opt_pformer", model_type="tiny", load_finetuned=True,
-                finetuned=os.path.join(run_dir(ctx, stage2), "checkpoint_last.pth"), **_vision(ctx))
+def _eval_model(ctx, stage2, llm):
+    return dict(arch=LLMS[llm]["stage2"], model_type="tiny", load_finetuned=True,
+                finetuned=os.path.join(run_dir(ctx, stage2), "checkpoint_last.pth"), **_vision(ctx), **_llm(ctx, llm))
 
 
-def vqa_cfg(ctx, name, stage2, splits=("val", "test")):
+def vqa_cfg(ctx, name, stage2, splits=("val", "test"), llm="opt"):
     world, ev = ctx["world"], ctx["scale"]["eval"]
     ann = {s: {"storage": os.path.join(world, f"vqa_{s}.json"),
                "question_file": os.path.join(world, f"vqa_{s}_questions.json"),
@@ -119,14 +134,14 @@ def vqa_cfg(ctx, name, stage2, splits=("val", "test")):
     run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "vqa", batch_size_train=ev["batch"],
                    batch_size_eval=ev["batch"], max_len=ev["vqa_max_len"], min_len=1, num_beams=ev["num_beams"],
                    inference_method="generate", prompt=QA_PROMPT, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, stage2),
+    return {"model": _eval_model(ctx, stage2, llm),
             "datasets": {"local_vqa": {"build_info": {"images": {"storage": world}, "annotations": ann}}},
             "run": run}
 
 
-def caption_cfg(ctx, name, stage2, splits=("val", "test")):
+def caption_cfg(ctx, name, stage2, splits=("val", "test"), llm="opt"):
     ev = ctx["scale"]["eval"]
     run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "captioning_pformer", batch_size_train=ev["batch"],
                    batch_size_eval=ev["batch"], max_len=ev["cap_max_len"], min_len=1, num_beams=ev["num_beams"],
                    caption_spice=False, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, stage2), "datasets": _caption_data(ctx, splits), "run": run}
+    return {"model": _eval_model(ctx, stage2, llm), "datasets": _caption_data(ctx, splits), "run": run}
