@@ -31,7 +31,7 @@ def build_model(vocab_size, layers, width, heads, ffn, seed=0):
 
     ``dense_act_fn`` is "gelu", the activation ``Blip2T5`` sets when it loads a T5. The LM head starts at std
     ``width ** -0.5``, so that the first logits are of order 1: T5's own init (std 1) makes them about
-    ``width ** 0.5`` (a first loss near 29 here) and suits Adafactor's relative steps, not AdamW's.
+    ``width ** 0.5`` and suits Adafactor's relative steps, not AdamW's.
     """
     from transformers import T5Config, T5ForConditionalGeneration
 
