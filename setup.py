@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="P-Former (decoupled language pre-training) for Salesforce LAVIS BLIP-2",
     packages=find_packages(include=["lavis_pformer", "lavis_pformer.*"]),
-    # demo/backbones: the demo's frozen LM, ViT and starting BERT (make demo-backbones), a few MB
+    # demo/backbones: the demo's frozen LM, ViT, starting BERT and T5 (make demo-backbones), about 10 MB
     package_data={"lavis_pformer": ["configs/**/*.yaml", "configs/*/*.yaml", "demo/backbones/*",
                                     "demo/backbones/*/*"]},
     python_requires=">=3.9",

@@ -97,19 +97,9 @@ def build_opt(out_dir, seed=0, vocab_size=400, **sizes):
 def build_t5(out_dir, seed=0, vocab_size=200, **sizes):
     """Tiny Flan-T5-like model (sentencepiece on ``WORDS``); ``sizes`` override ``SIZES["t5"]`` (any ``T5Config``
     key)."""
-    import sentencepiece as spm
-    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, "spiece")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_prefix=prefix, vocab_size=vocab_size,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
-        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
-    )
-    tokenizer = T5Tokenizer(prefix + ".model", extra_ids=0)
-    tokenizer.save_pretrained(out_dir)
-    _save_fast_t5_tokenizer(out_dir)
+    tokenizer = build_t5_tokenizer(out_dir, _corpus(), vocab_size)
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
@@ -119,17 +109,36 @@ def build_t5(out_dir, seed=0, vocab_size=200, **sizes):
     return out_dir
 
 
-def _save_fast_t5_tokenizer(out_dir):
-    """Write tokenizer.json, as hub T5 models ship it, so T5TokenizerFast never converts at load time.
+def build_t5_tokenizer(out_dir, sentences, vocab_size, model_type="unigram"):
+    """T5's tokenizer (pad 0, eos 1, unk 2, no bos): a sentencepiece model (``model_type`` "unigram" as T5's, or
+    "bpe") trained on ``sentences`` (at most ``vocab_size`` pieces, fewer if the text holds fewer), saved under
+    ``out_dir`` as the slow (spiece.model) and the fast (tokenizer.json) tokenizer; returns the slow one. The files
+    name no path, so the same sentences give the same bytes wherever they are built.
 
-    The conversion itself needs the protobuf that requirements-verified.txt pins (3.20.x).
+    The fast tokenizer's conversion needs the protobuf that requirements-verified.txt pins (3.20.x).
     """
-    from transformers import T5TokenizerFast
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Tokenizer, T5TokenizerFast
 
     from lavis_pformer.backbones import sentencepiece_conversion_errors
 
-    with sentencepiece_conversion_errors():
-        T5TokenizerFast.from_pretrained(out_dir).save_pretrained(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type=model_type,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )
+    path = os.path.join(out_dir, "spiece.model")
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    tokenizer = T5Tokenizer(path, extra_ids=0)
+    tokenizer.save_pretrained(out_dir)
+    with sentencepiece_conversion_errors():  # tokenizer.json, as hub T5 models ship it: no conversion at load time
+        T5TokenizerFast(path, extra_ids=0).save_pretrained(out_dir)
+    return tokenizer
 
 
 def build_vit(path, seed=0, image_size=32, **sizes):

@@ -139,11 +139,12 @@ def write_config(ctx, script, name, cfg, after=(), cost=None):
                after, cost)
 
 
-def chain_jobs(ctx, tag, stage0, w1, w2, stage1_runs):
+def chain_jobs(ctx, tag, stage0, w1, w2, stage1_runs, llm="opt"):
     """Config files and jobs of stages 1, 2 and the evaluations of one chain; returns (jobs, runs).
 
     ``stage0`` names the teacher's run (None: none). A stage-1 run depends only on its teacher and w1 (w1 = 0:
     no teacher), so chains that share them share one run: ``stage1_runs`` maps (teacher, w1) -> run name.
+    ``llm``: the frozen LM of stage 2 and the evaluations, "opt" or "t5" (``run_configs.LLMS``).
     """
     jobs = []
     key = (stage0 if w1 else None, w1)
@@ -153,10 +154,11 @@ def chain_jobs(ctx, tag, stage0, w1, w2, stage1_runs):
         jobs.append(write_config(ctx, "train.py", s1, stage1_cfg(ctx, s1, w1, stage0), after=[stage0] if w1 else []))
     s2 = f"{tag}_stage2"
     after = [s1] + ([stage0] if w2 else [])
-    jobs.append(write_config(ctx, "train.py", s2, stage2_cfg(ctx, s2, w2, stage0, s1), after=after))
-    jobs.append(write_config(ctx, "evaluate.py", f"{tag}_eval_vqa", vqa_cfg(ctx, f"{tag}_eval_vqa", s2), after=[s2]))
-    jobs.append(write_config(ctx, "evaluate.py", f"{tag}_eval_caption", caption_cfg(ctx, f"{tag}_eval_caption", s2),
+    jobs.append(write_config(ctx, "train.py", s2, stage2_cfg(ctx, s2, w2, stage0, s1, llm=llm), after=after))
+    jobs.append(write_config(ctx, "evaluate.py", f"{tag}_eval_vqa", vqa_cfg(ctx, f"{tag}_eval_vqa", s2, llm=llm),
                              after=[s2]))
+    jobs.append(write_config(ctx, "evaluate.py", f"{tag}_eval_caption",
+                             caption_cfg(ctx, f"{tag}_eval_caption", s2, llm=llm), after=[s2]))
     runs = {"stage0": stage0, "stage1": s1, "stage2": s2, "eval_vqa": f"{tag}_eval_vqa",
             "eval_caption": f"{tag}_eval_caption"}
     return jobs, {"w1": w1, "w2": w2, "runs": runs}
@@ -191,21 +193,22 @@ def prepare(out, seed, scale, times, shared=None, rebuild=False):
         os.makedirs(ctx[key], exist_ok=True)
     ctx["world"] = timed(times, "world", build_world, os.path.join(shared, "world"), scale["recipe"])
     folder, ctx["backbones"] = timed(times, "backbones", backbones, shared, scale, rebuild)
-    ctx["lm"], ctx["bert"], ctx["vit"] = (os.path.join(folder, p) for p in ("lm", "bert", "vit.pth"))
+    ctx["lm"], ctx["bert"], ctx["vit"], ctx["t5"] = (os.path.join(folder, frozen_backbones.PART_PATHS[p])
+                                                     for p in ("lm", "bert", "vit", "t5"))
     return ctx
 
 
-def demo_jobs(ctx, arms):
-    """Jobs and chains of the demo's arms."""
+def demo_jobs(ctx, arms, llm="opt"):
+    """Jobs and chains of the demo's arms with the frozen LM ``llm`` ("opt", the demo's, or "t5")."""
     jobs, chains, stage1_runs = [], {}, {}
     for arm in arms:
         stage0 = None
         if arm != "baseline":
             stage0 = f"{arm}_stage0"
             qa = arm == "pformer_qa"
-            jobs.append(write_config(ctx, "train.py", stage0, stage0_cfg(ctx, stage0, stage0_data(ctx, qa), qa)))
+            jobs.append(write_config(ctx, "train.py", stage0, stage0_cfg(ctx, stage0, stage0_data(ctx, qa), qa, llm)))
         w1, w2 = (0, 0) if arm == "baseline" else (W1, W2)
-        chain_job_list, chains[arm] = chain_jobs(ctx, arm, stage0, w1, w2, stage1_runs)
+        chain_job_list, chains[arm] = chain_jobs(ctx, arm, stage0, w1, w2, stage1_runs, llm=llm)
         jobs += chain_job_list
     return jobs, chains
 

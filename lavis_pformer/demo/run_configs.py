@@ -1,9 +1,19 @@
 """The ``train.py`` / ``evaluate.py`` configs of the demo's runs: stage 0, 1, 2, zero-shot VQA and captioning, on the
-shapes world and the frozen backbones of a pipeline context (``pipeline.prepare``)."""
+shapes world and the frozen backbones of a pipeline context (``pipeline.prepare``).
+
+``llm`` chooses the frozen LM of stages 0 and 2 and of the evaluations: "opt" (the demo's) or "t5" (the
+encoder-decoder LM of the backbones' ``t5/``). Stage 1 has no LM; its teacher may be either P-Former.
+"""
 import json
 import os
 
 from lavis_pformer.text import QA_PROMPT
+
+# Per frozen LM: the stage-0 and stage-2 archs, the model key of its folder and the context key holding that folder.
+LLMS = {
+    "opt": {"stage0": "pformer_opt", "stage2": "blip2_opt_pformer", "key": "opt_model", "ctx": "lm"},
+    "t5": {"stage0": "pformer_t5", "stage2": "blip2_t5_pformer", "key": "t5_model", "ctx": "t5"},
+}
 
 
 def repeated_pairs(world, data_dir, repeat):
@@ -44,15 +54,10 @@ def _train_sched(stage, log_freq=10):
                 train_splits=["train"])
 
 
-# The registered models of each frozen LLM: stage 0, stage 2 (and its inference), and the LLM's config key.
-LLMS = {
-    "opt": {"stage0": "pformer_opt", "stage2": "blip2_opt_pformer", "key": "opt_model", "ctx": "lm"},
-    "t5": {"stage0": "pformer_t5", "stage2": "blip2_t5_pformer", "key": "t5_model", "ctx": "t5"},
-}
-
-
 def _llm(ctx, llm):
     """{<llm key>: the frozen LLM's folder, "llm_precision": "fp32"}."""
+    if llm not in LLMS:
+        raise ValueError(f"llm must be one of {sorted(LLMS)}, got {llm!r}")
     return {LLMS[llm]["key"]: ctx[LLMS[llm]["ctx"]], "llm_precision": "fp32"}
 
 
@@ -109,8 +114,6 @@ def stage1_cfg(ctx, name, w1, stage0):
     s1 = ctx["scale"]["stage1"]
     model = dict(arch="blip2_qformer_pformer", model_type="tiny", embed_dim=64, max_txt_len=32, alignment_weight=w1,
                  pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w1 else "", **_vision(ctx))
-    for key in ("opt_model", "llm_precision"):  # stage 1 has no LLM
-        model.pop(key)
     pairs = repeated_pairs(ctx["world"], ctx["data"], s1["repeat"])
     return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s1))}
@@ -147,9 +150,9 @@ def vqa_cfg(ctx, name, stage2, splits=("val", "test"), llm="opt"):
             "run": run}
 
 
-def caption_cfg(ctx, name, trained, splits=("val", "test")):
+def caption_cfg(ctx, name, trained, splits=("val", "test"), llm="opt"):
     ev = ctx["scale"]["eval"]
     run = _run_cfg(ctx, os.path.join(ctx["runs"], name), "captioning_pformer", batch_size_train=ev["batch"],
                    batch_size_eval=ev["batch"], max_len=ev["cap_max_len"], min_len=1, num_beams=ev["num_beams"],
                    caption_spice=False, evaluate=True, test_splits=list(splits))
-    return {"model": _eval_model(ctx, trained), "datasets": _caption_data(ctx, splits), "run": run}
+    return {"model": _eval_model(ctx, trained, llm), "datasets": _caption_data(ctx, splits), "run": run}

@@ -116,7 +116,7 @@ def _train_steps(model, optim, stream, steps, lr_at, log_every, quick, device, l
     return history, first_loss, pad_tokens / max(1, pad_tokens + real_tokens)
 
 
-def _chance(world_dir, split):
+def world_chance(world_dir, split):
     """The world's chance level on ``split`` (world.json), or None without a world.json."""
     world_path = os.path.join(world_dir, "world.json")
     if not os.path.exists(world_path):
@@ -189,7 +189,7 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
             "accuracy": {t: v["accuracy"] for t, v in result["per_type"].items()},
             "overall": result["overall"],
             "overall_excl_yesno": result["overall_excl_yesno"],
-            "chance": _chance(world_dir, eval_split),
+            "chance": world_chance(world_dir, eval_split),
         }
         with open(os.path.join(out_dir, "lm_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
