@@ -5,9 +5,10 @@ setup(
     version="0.1.0",
     description="P-Former (decoupled language pre-training) for Salesforce LAVIS BLIP-2",
     packages=find_packages(include=["lavis_pformer", "lavis_pformer.*"]),
-    # demo/backbones: the demo's frozen LM, ViT, starting BERT and T5 (make demo-backbones), about 10 MB
+    # demo/backbones: the demo's frozen LM, ViT, starting BERT and T5 (make demo-backbones), about 10 MB;
+    # demo/video_backbones: the video miniature's frozen LM (world seed 0), 2 MB
     package_data={"lavis_pformer": ["configs/**/*.yaml", "configs/*/*.yaml", "demo/backbones/*",
-                                    "demo/backbones/*/*"]},
+                                    "demo/backbones/*/*", "demo/video_backbones/*", "demo/video_backbones/*/*"]},
     python_requires=">=3.9",
     install_requires=[
         "salesforce-lavis==1.0.2",

@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COMMITTED = os.path.join(HERE, "backbones")
 MANIFEST = "manifest.json"
 FORMAT = "lavis_pformer/demo-backbones-v1"
+REBUILD = "rebuild them with `make demo-backbones` (or run the demo with --rebuild-backbones)"
 
 # The recipe of the committed backbones (scale "cpu"); the pipeline's other scales pass their own.
 RECIPE = {
@@ -68,6 +69,11 @@ def _files(folder):
             if rel != MANIFEST:
                 out.append(rel)
     return sorted(out)
+
+
+def file_digests(folder):
+    """{relative path: sha256} of every file under ``folder`` but the manifest (a manifest's ``files``)."""
+    return {rel: sha256(os.path.join(folder, rel)) for rel in _files(folder)}
 
 
 def _build_lm(world, staging, work, recipe, threads, device, log):
@@ -207,7 +213,7 @@ def build(out, recipe=RECIPE, work=None, threads=None, device="cpu", log=print, 
     manifest = {
         "format": FORMAT,
         "recipe": copy.deepcopy(recipe),
-        "files": {rel: sha256(os.path.join(staging, rel)) for rel in _files(staging)},
+        "files": file_digests(staging),
         "world_files": world_files,
         "quality": quality,
         "built_with": kept["built_with"],
@@ -233,16 +239,16 @@ def has_recipe(folder, recipe):
         return json.load(f).get("recipe") == json.loads(json.dumps(recipe))
 
 
-def verify(folder, recipe=None):
-    """The manifest of ``folder`` after checking every file's sha256 (and the recipe, if given)."""
-    fix = "rebuild them with `make demo-backbones` (or run the demo with --rebuild-backbones)"
+def verify(folder, recipe=None, fmt=FORMAT, fix=REBUILD):
+    """The manifest of ``folder`` after checking every file's sha256 (and the recipe, if given); ``fmt`` is the
+    manifest format expected, ``fix`` what an error tells the user to do (other backbone folders reuse both)."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         raise BackbonesError(f"no demo backbones at {folder} ({MANIFEST} missing); {fix}")
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise BackbonesError(f"{path} is not a demo-backbones manifest of this version; {fix}")
+    if manifest.get("format") != fmt:
+        raise BackbonesError(f"{path} is not a {fmt} manifest; {fix}")
     if recipe is not None and manifest["recipe"] != json.loads(json.dumps(recipe)):
         raise BackbonesError(f"the backbones at {folder} were built from another recipe; {fix}")
     present = set(_files(folder))

@@ -125,17 +125,17 @@ def world_chance(world_dir, split):
         return json.load(f).get(f"chance_{split}" if split != "test" else "chance")
 
 
-def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
-             seed=0, max_offset=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
-             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True,
-             answer_weight=ANSWER_WEIGHT, device="cpu", log=print):
-    """Train, save (tokenizer + OPTForCausalLM under ``out_dir``), evaluate; returns the report dict."""
+def fit_lm(lines, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3, seed=0,
+           max_offset=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None, schedule="cosine",
+           warmup=0.05, betas=(0.9, 0.98), quick_items=None, answer_weight=ANSWER_WEIGHT, device="cpu", log=print):
+    """Train an OPT-style LM from scratch on the text ``lines`` (a ``</s>`` in a line separates a context segment)
+    and save it (tokenizer + OPTForCausalLM) under ``out_dir``; returns the training report (sizes, corpus,
+    losses, times). ``quick_items``: questions whose first-token accuracy is logged (``lm_eval.load_questions``)."""
     t_start = time.time()
     threads = threads or _default_threads()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lines = read_corpus(world_dir)
         tokenizer, ids, weights = _tokenize(lines, out_dir, vocab_size, answer_weight)
         vocab = len(tokenizer)
         lengths = [len(x) for x in ids]
@@ -151,7 +151,6 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         rng = random.Random(seed)
         torch.manual_seed(seed)
         stream = batches(ids, weights, batch_size, max_offset, rng)
-        quick_items = load_questions(world_dir, eval_split) if quick_eval else None
         quick = (tokenizer, quick_items) if quick_items else None
         t0 = time.time()
         history, first_loss, padding_share = _train_steps(
@@ -161,13 +160,8 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
         model.eval().cpu()
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-
-        t1 = time.time()
-        result = evaluate_text_ceiling(out_dir, world_dir, eval_split)
-        t_eval = time.time() - t1
-        report = {
+        return {
             "out_dir": os.path.abspath(out_dir),
-            "world_dir": os.path.abspath(world_dir),
             "steps": steps,
             "batch_size": batch_size,
             "lr": lr,
@@ -183,23 +177,43 @@ def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=5
             "loss_last": history[-1]["loss"] if history else None,
             "loss_history": history,
             "padding_share": padding_share,
-            "time_s": {"prepare": round(t_prep, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),
-                       "total": round(time.time() - t_start, 1)},
-            "text_ceiling": result,
-            "accuracy": {t: v["accuracy"] for t, v in result["per_type"].items()},
-            "overall": result["overall"],
-            "overall_excl_yesno": result["overall_excl_yesno"],
-            "chance": world_chance(world_dir, eval_split),
+            "time_s": {"prepare": round(t_prep, 1), "train": round(t_train, 1)},
         }
-        with open(os.path.join(out_dir, "lm_report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        acc = " ".join(f"{t} {a:.3f}" for t, a in report["accuracy"].items())
-        log(f"[train_lm] text ceiling ({eval_split}): {acc} overall {report['overall']:.3f}; "
-            f"with the caption before the bos: overall {result['context']['overall']:.3f}; "
-            f"train {t_train:.1f}s, total {report['time_s']['total']:.1f}s")
-        return report
     finally:
         torch.set_num_threads(old_threads)
+
+
+def train_lm(world_dir, out_dir, steps=3000, layers=3, width=128, heads=4, ffn=512, batch_size=64, lr=2e-3,
+             seed=0, max_offset=Q, log_every=100, vocab_size=800, weight_decay=0.01, threads=None,
+             eval_split="val", schedule="cosine", warmup=0.05, betas=(0.9, 0.98), quick_eval=True,
+             answer_weight=ANSWER_WEIGHT, device="cpu", log=print):
+    """Train on the shapes world's ``corpus.txt``, save (tokenizer + OPTForCausalLM under ``out_dir``), evaluate
+    the text ceiling; returns the report dict (also written to ``out_dir/lm_report.json``)."""
+    t_start = time.time()
+    lines = read_corpus(world_dir)
+    report = fit_lm(lines, out_dir, steps=steps, layers=layers, width=width, heads=heads, ffn=ffn,
+                    batch_size=batch_size, lr=lr, seed=seed, max_offset=max_offset, log_every=log_every,
+                    vocab_size=vocab_size, weight_decay=weight_decay, threads=threads, schedule=schedule,
+                    warmup=warmup, betas=betas, quick_items=load_questions(world_dir, eval_split) if quick_eval else None,
+                    answer_weight=answer_weight, device=device, log=log)
+    t1 = time.time()
+    result = evaluate_text_ceiling(out_dir, world_dir, eval_split)
+    report["world_dir"] = os.path.abspath(world_dir)
+    report["time_s"].update(eval=round(time.time() - t1, 1), total=round(time.time() - t_start, 1))
+    report.update({
+        "text_ceiling": result,
+        "accuracy": {t: v["accuracy"] for t, v in result["per_type"].items()},
+        "overall": result["overall"],
+        "overall_excl_yesno": result["overall_excl_yesno"],
+        "chance": world_chance(world_dir, eval_split),
+    })
+    with open(os.path.join(out_dir, "lm_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    acc = " ".join(f"{t} {a:.3f}" for t, a in report["accuracy"].items())
+    log(f"[train_lm] text ceiling ({eval_split}): {acc} overall {report['overall']:.3f}; "
+        f"with the caption before the bos: overall {result['context']['overall']:.3f}; "
+        f"train {report['time_s']['train']:.1f}s, total {report['time_s']['total']:.1f}s")
+    return report
 
 
 def main(argv=None):

@@ -51,6 +51,27 @@ def captions(colour, shape, direction, n, rng):
                                 direction=DIRECTION_PHRASES[direction]) for i in order]
 
 
+def all_captions():
+    """Every distinct caption of the world (templates x colours x shapes x directions), sorted."""
+    return sorted(t.format(article=_article(c), colour=c, shape=s, direction=DIRECTION_PHRASES[d])
+                  for t in TEMPLATES for c in COLOURS for s in SHAPES for d in DIRECTIONS)
+
+
+def unpaired_captions(seed, n):
+    """``n`` captions of videos that are never rendered: colour, shape, direction and template drawn at random
+    from the world's own text stream, so no video of any split is paired with them (text for a frozen LM or a
+    stage-0 corpus). The same (seed, n) gives the same list; a larger ``n`` extends it."""
+    rng = _rng(seed, "unpaired-text")
+    out = []
+    for _ in range(int(n)):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+        out.append(TEMPLATES[rng.integers(len(TEMPLATES))].format(
+            article=_article(colour), colour=colour, shape=shape, direction=DIRECTION_PHRASES[direction]))
+    return out
+
+
 def structured_clips(colour, shape, direction, num_clips, rng):
     """[num_clips, STRUCT_DIM] structured description of the clips of one video."""
     dx, dy = DIRECTIONS[direction]
