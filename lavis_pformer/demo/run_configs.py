@@ -61,12 +61,12 @@ def _llm(ctx, llm):
     return {LLMS[llm]["key"]: ctx[LLMS[llm]["ctx"]], "llm_precision": "fp32"}
 
 
-def _vision(ctx, llm="opt"):
-    """Model keys every image stage shares: the frozen backbones and the Q-Former's shape."""
+def _vision(ctx):
+    """Model keys every image stage shares: the frozen ViT, the starting BERT and the Q-Former's shape (stage 1
+    has no LLM; stage 2 and the evaluations add ``_llm``)."""
     vit = dict(ctx["recipe"]["vit"]["config"], checkpoint=ctx["vit"])
     return dict(vit_model="custom_vit", vit_config=vit, image_size=32, vit_precision="fp32", freeze_vit=True,
-                bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], cross_attention_freq=1,
-                **_llm(ctx, llm))
+                bert_model=ctx["bert"], num_query_token=ctx["scale"]["num_query_token"], cross_attention_freq=1)
 
 
 def _caption_data(ctx, splits=("train",), storage=None):
@@ -126,7 +126,7 @@ def stage2_cfg(ctx, name, w2, stage0, stage1, llm="opt", pretrained=None, stage=
     model = dict(arch=LLMS[llm]["stage2"], model_type="tiny", max_txt_len=32, alignment_weight=w2, prompt="",
                  pretrained=pretrained or os.path.join(run_dir(ctx, stage1), "checkpoint_last.pth"),
                  pformer_checkpoint=os.path.join(run_dir(ctx, stage0), "pformer.pth") if w2 else "",
-                 **_vision(ctx, llm))
+                 **_vision(ctx), **_llm(ctx, llm))
     pairs = repeated_pairs(ctx["world"], ctx["data"], s2["repeat"])
     return {"model": model, "datasets": _caption_data(ctx, storage=pairs),
             "run": _run_cfg(ctx, os.path.join(ctx["runs"], name), "image_text_pretrain_pformer", **_train_sched(s2))}
@@ -134,7 +134,8 @@ def stage2_cfg(ctx, name, w2, stage0, stage1, llm="opt", pretrained=None, stage=
 
 def _eval_model(ctx, trained, llm="opt"):
     return dict(arch=LLMS[llm]["stage2"], model_type="tiny", load_finetuned=True,
-                finetuned=os.path.join(run_dir(ctx, trained), "checkpoint_last.pth"), **_vision(ctx, llm))
+                finetuned=os.path.join(run_dir(ctx, trained), "checkpoint_last.pth"), **_vision(ctx),
+                **_llm(ctx, llm))
 
 
 def vqa_cfg(ctx, name, stage2, splits=("val", "test"), llm="opt"):
