@@ -211,11 +211,11 @@ def content_accuracy(predictions, videos):
     return sum(_content(by_id.get(i, "")) == t for i, t in truth.items()) / len(truth)
 
 
-def table7_metrics(ctx, prefix="video"):
-    """{arm: {split: {"CIDEr", "Bleu_4", "ROUGE_L", "METEOR", ..., "content_accuracy", "distinct"}}} read from the
-    evaluation runs' ``evaluate.txt`` (LAVIS's caption metrics) and caption files."""
+def table7_metrics(ctx, prefix="video", arms=ARMS):
+    """{arm: {split: {"CIDEr", "Bleu_4", "ROUGE_L", "METEOR", ..., "content_accuracy", "distinct"}}} of ``arms``,
+    read from the evaluation runs' ``evaluate.txt`` (LAVIS's caption metrics) and caption files."""
     out = {}
-    for arm in ARMS:
+    for arm in arms:
         folder = os.path.realpath(run_dir(ctx, table7_runs(prefix)[arm]["eval"]))
         scores = {}
         for line in open(os.path.join(folder, "evaluate.txt"), encoding="utf-8"):

@@ -3,10 +3,11 @@ of the TRUE caption (text only, no image), beside the LLM's own text ceiling (th
 the soft prompt goes). An aligned image side lands near its teacher's ceiling, so a teacher whose prompts the LLM
 cannot answer from caps the arm, however well its prompts hold the scene.
 
-Both are computed in-process with the models the runs use: the stage-2 model of an evaluation config (frozen
+Both are computed in-process with the models the runs use. OPT: the stage-2 model of an evaluation config (frozen
 ViT, LLM and BERT tokenizer), given the teacher with ``setup_alignment`` (strict P-Former loading), prompts from
 ``teacher_prompt`` and answers generated as the model's ``predict_answers`` does (greedy, the evaluation's
-``max_len``).
+``max_len``). T5: ``t5_eval`` (the frozen T5 loaded as ``Blip2T5`` loads it, the P-Former's prompt first in its
+encoder, greedy answers of at most 3 tokens: the scales' ``vqa_max_len``).
 """
 import json
 import os
@@ -51,25 +52,20 @@ def caption_texts(captions):
 
 @torch.no_grad()
 def answers_after_prompt(model, prompts, questions, max_len):
-    """Greedy answers of the model's frozen LLM after [soft prompt ; "Question: q Short answer:"] (as its
+    """Greedy answers of the model's frozen OPT after [soft prompt ; "Question: q Short answer:"] (as its
     ``predict_answers`` generates after the image prompt). ``prompts``: [N, Q, H_llm]."""
     texts = [QA_PROMPT.format(q) for q in questions]
-    if hasattr(model, "generate_after_prompt"):  # OPT
-        return model.generate_after_prompt(prompts, texts, model.maybe_autocast(), num_beams=1,
-                                           max_new_tokens=max_len, min_length=1, length_penalty=-1)
-    tokens = model.t5_tokenizer(texts, padding="longest", return_tensors="pt")  # T5: encoder [prompt ; text]
-    embeds = model.t5_model.encoder.embed_tokens(tokens.input_ids)
-    mask = torch.cat([torch.ones(prompts.shape[:2], dtype=torch.long), tokens.attention_mask], dim=1)
-    out = model.t5_model.generate(inputs_embeds=torch.cat([prompts.to(embeds.dtype), embeds], dim=1),
-                                  attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=max_len,
-                                  min_length=1, length_penalty=-1)
-    return [t.strip() for t in model.t5_tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return model.generate_after_prompt(prompts, texts, model.maybe_autocast(), num_beams=1, max_new_tokens=max_len,
+                                       min_length=1, length_penalty=-1)
 
 
 def teacher_ceiling(cfg_path, pformer_path, world, splits, max_len, batch_size=64):
-    """{split: VQA metrics} of the frozen LLM answering from the teacher's prompt of the true caption."""
+    """{split: VQA metrics} of the frozen OPT answering from the teacher's prompt of the true caption."""
+    from lavis_pformer.model_keys import AlignmentKeys
+
     model = build_model(cfg_path)
-    model.setup_alignment(1.0, pformer_path, num_query_token=model.query_tokens.shape[1],
+    teacher = AlignmentKeys(OmegaConf.create({"alignment_weight": 1.0, "pformer_checkpoint": pformer_path}), 1.0)
+    model.setup_alignment(teacher, num_query_token=model.query_tokens.shape[1],
                           llm_hidden_size=getattr(model, model.LLM_KEY).config.hidden_size,
                           llm_name=model._llm_name, for_training=True)
     answer_sets = _load(os.path.join(world, "world.json"))["answers"]
@@ -93,3 +89,21 @@ def opt_text_ceiling(lm_dir, world, splits):
     from lavis_pformer.demo.lm_eval import evaluate_text_ceiling
 
     return {split: evaluate_text_ceiling(lm_dir, world, split)["context"] for split in splits}
+
+
+def t5_text_ceiling(t5_dir, world, splits):
+    """{split: VQA metrics} of the frozen T5 answering with the caption first in its encoder (where the soft prompt
+    goes): ``t5_eval.text_ceiling``."""
+    from lavis_pformer.demo import t5_eval
+
+    tokenizer, model = t5_eval.load_t5(t5_dir)
+    return {split: t5_eval.text_ceiling(model, tokenizer, world, split) for split in splits}
+
+
+def t5_teacher_ceiling(pformer_path, t5_dir, world, splits, bert_model):
+    """{split: VQA metrics} of the frozen T5 answering from the teacher's prompt of the true caption:
+    ``t5_eval.teacher_ceiling``."""
+    from lavis_pformer.demo import t5_eval
+
+    return {split: t5_eval.teacher_ceiling(pformer_path, t5_dir, world, split, bert_model=bert_model)
+            for split in splits}

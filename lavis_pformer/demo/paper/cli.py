@@ -13,13 +13,14 @@ import os
 import shutil
 import time
 
-from lavis_pformer.demo import frozen_backbones
+from lavis_pformer.demo import frozen_backbones, video_table
 from lavis_pformer.demo.paper import ceilings, report, scoring, tables as paper_tables
-from lavis_pformer.demo.paper.plan import paper_scale, plan_world, stage0_name, world_context
+from lavis_pformer.demo.paper.plan import covers, paper_scale, plan_world, stage0_name, world_context
 from lavis_pformer.demo.run_configs import run_dir
 from lavis_pformer.demo.scheduler import log, run_jobs
 
 CEILING_SPLITS = ("test", "test_ood")
+VIDEO_SPLITS = ("val", "test")
 
 
 def parse_args(argv=None):
@@ -57,22 +58,45 @@ def run_costs(tables, needs, times):
 
 
 def teacher_ceilings(ctx, arms):
-    """{label: (the arm it caps, {split: VQA metrics})} on one world: the frozen OPT's text ceiling (capping the
+    """{label: (the arm it caps, {split: VQA metrics})} on one world: each frozen LLM's text ceiling (capping the
     baseline's reading of its prompt) and every teacher of ``arms`` (capping the arm aligned to it in both
     stages)."""
     max_len = ctx["scale"]["eval"]["vqa_max_len"]
-    out = {"OPT: the caption's text before its bos (text ceiling)": (
-        None, ceilings.opt_text_ceiling(ctx["lm"], ctx["world"], CEILING_SPLITS))}
+    llms = {a.llm for a in arms if isinstance(a, paper_tables.Arm)}
+    out = {}
+    if "opt" in llms:
+        out["OPT: the caption's text before its bos (text ceiling)"] = (
+            None, ceilings.opt_text_ceiling(ctx["lm"], ctx["world"], CEILING_SPLITS))
+    if "t5" in llms:
+        out["T5: the caption's text first in its encoder (text ceiling)"] = (
+            None, ceilings.t5_text_ceiling(ctx["t5"], ctx["world"], CEILING_SPLITS))
     for teacher in paper_tables.teachers_of(arms):
         aligned = [a for a in arms if isinstance(a, paper_tables.Arm) and a.teacher == teacher and not a.finetune]
         arm = max(aligned, key=lambda a: (a.w1 > 0 and a.w2 > 0, a.w2, a.w1))  # both terms if there is one
         pformer = os.path.join(run_dir(ctx, stage0_name(teacher)), "pformer.pth")
         if not os.path.isfile(pformer):  # its stage 0 failed: reported under "failed"
             continue
-        cfg = os.path.join(ctx["configs"], f"{arm.name}_eval_vqa.yaml")
         label = f"{teacher[0].upper()} teacher: {paper_tables.CORPORA[teacher[1]]['label']}"
-        out[label] = (arm.name, ceilings.teacher_ceiling(cfg, pformer, ctx["world"], CEILING_SPLITS, max_len))
+        if teacher[0] == "t5":
+            found = ceilings.t5_teacher_ceiling(pformer, ctx["t5"], ctx["world"], CEILING_SPLITS, ctx["bert"])
+        else:
+            cfg = os.path.join(ctx["configs"], f"{arm.name}_eval_vqa.yaml")
+            found = ceilings.teacher_ceiling(cfg, pformer, ctx["world"], CEILING_SPLITS, max_len)
+        out[label] = (arm.name, found)
     return out
+
+
+def video_ceilings(vctx):
+    """The video table's teacher ceiling (val, test) and alignment levels on one world (``video_table``); None
+    when the runs they read did not finish."""
+    runs = video_table.table7_runs()
+    if not os.path.isfile(os.path.join(run_dir(vctx, runs["stage0"]), "pformer.pth")):
+        return None
+    levels = None
+    if os.path.isfile(os.path.join(run_dir(vctx, runs["itg_align"]["train"][0]), "log.txt")):
+        levels = video_table.alignment_levels(vctx)
+    return {"teacher_ceiling": {split: video_table.teacher_ceiling(vctx, split) for split in VIDEO_SPLITS},
+            "alignment_levels": levels}
 
 
 def main(argv=None):
@@ -86,8 +110,9 @@ def main(argv=None):
             scale[key] = getattr(args, key)
     os.makedirs(args.out, exist_ok=True)
     contexts, jobs, needs = {}, [], {}
+    llms = {a.llm for a in paper_tables.arms_of(args.tables) if isinstance(a, paper_tables.Arm)}
     for world in args.worlds:
-        ctx = contexts[world] = world_context(args.out, scale, world)
+        ctx = contexts[world] = world_context(args.out, scale, world, llms=llms)
         world_jobs, needs[world] = plan_world(ctx, args.tables)
         jobs += world_jobs
     times = {}
@@ -95,16 +120,21 @@ def main(argv=None):
         log(f"{len(jobs)} runs over worlds {args.worlds}, {scale['jobs']} at a time")
         times = run_jobs(jobs, scale["jobs"], scale["threads"], keep_going=True, reuse=args.reuse)
     arms = paper_tables.arms_of(args.tables)
-    per_world, ceiling_runs = {}, {}
+    per_world, ceiling_runs, video = {}, {}, {}
     for world, ctx in contexts.items():
-        frozen_backbones.verify(ctx["backbones_dir"], ctx["recipe"])
+        if not covers(frozen_backbones.verify(ctx["backbones_dir"])["recipe"], ctx["recipe"]):
+            raise frozen_backbones.BackbonesError(f"the backbones at {ctx['backbones_dir']} lack parts of the recipe "
+                                                  f"{ctx['recipe']}; rerun without --report-only")
         per_world[world] = {arm.name: scoring.arm_metrics(ctx, arm) for arm in arms}
         ceiling_runs[world] = teacher_ceilings(ctx, arms)
+        if "video" in ctx:
+            video[world] = video_ceilings(ctx["video"])
     by_label = {}
     for world, found in ceiling_runs.items():
         for label, (arm, splits) in found.items():
             by_label.setdefault(label, {"arm": arm, "per_world": {}})["per_world"][world] = splits
     results = {"worlds": args.worlds, "scale": args.scale, "per_world": per_world, "ceilings": by_label,
+               "video": video,
                "tables": {t.key: scoring.table_result(t, per_world) for t in args.tables},
                "failed": sorted(times.get("failed", {})), "costs": run_costs(args.tables, needs, times)}
     total = time.time() - t0

@@ -4,72 +4,125 @@ that needs it, each a ``train.py`` / ``evaluate.py`` call on a written config (o
 Per world seed ``s`` everything lives under ``<out>/seed<s>/``: the paper world (``world/``: the demo's world
 with ``held_out_pairs`` (colour, shape) pairs kept out of every image-caption pair and an out-of-domain test
 split), its frozen backbones (world seed 0: the committed ones; others: built by a job under
-``<out>/seed<s>/backbones`` with the committed recipe and that seed, reused when already there), and the runs.
+``<out>/seed<s>/backbones`` with the committed recipe and that seed, reused when already there; the T5 part only
+when a selected table has a T5 arm, added to a folder that lacks it with ``--parts t5``), the runs, and the video
+table's world, LM and runs (``video/``, ``video_table``).
 """
 import copy
 import json
 import os
 
-from lavis_pformer.demo import frozen_backbones
+from lavis_pformer.demo import frozen_backbones, video_table
 from lavis_pformer.demo.pipeline import SCALES, build_world, write_config
 from lavis_pformer.demo.run_configs import caption_cfg, run_dir, stage0_cfg, stage1_cfg, stage2_cfg, vqa_cfg
 from lavis_pformer.demo.scheduler import COST, Job
 from lavis_pformer.demo.paper.tables import CORPORA, VideoArm, arms_of
 
 EVAL_SPLITS = ("val", "test", "test_ood")
-# What make paper adds to the demo's scales: the held-out pairs of the paper world and the fine-tuning budget.
+# The smoke scale's T5 (the demo's smoke recipe has none; the committed recipe's "t5" serves scale "cpu").
+SMOKE_T5 = dict(steps=30, layers=1, width=32, heads=2, ffn=64, batch_size=16, lr=3e-3, position_lr_scale=50,
+                qa_share=0.5, vocab_size=160, threads=1, log_every=10, quick_eval=False)
+# What make paper adds to the demo's scales: the held-out pairs of the paper world, the fine-tuning budget, the
+# T5 recipe where the scale's has none, and the video table's scale (video_table.SCALES).
 PAPER_SETTINGS = {
-    "smoke": dict(held_out_pairs=3, finetune=dict(epochs=1, repeat=1, batch=16, lr=1e-3)),
-    "cpu": dict(held_out_pairs=3, finetune=dict(epochs=3, repeat=5, batch=32, lr=5e-4)),
+    "smoke": dict(held_out_pairs=3, finetune=dict(epochs=1, repeat=1, batch=16, lr=1e-3), t5=SMOKE_T5, video="smoke"),
+    "cpu": dict(held_out_pairs=3, finetune=dict(epochs=3, repeat=5, batch=32, lr=5e-4), video="cpu"),
 }
 BUILD_COST = 16  # a backbones build, in the scheduler's cost units (a stage 0 is 3)
+PARTS = tuple(frozen_backbones.PART_PATHS)  # lm, vit, bert, t5
 
 
 def paper_scale(name):
     """The demo scale ``name`` with the paper's settings."""
     scale = copy.deepcopy(SCALES[name])
-    scale["recipe"] = SCALES[name]["recipe"]
-    scale.update(copy.deepcopy(PAPER_SETTINGS[name]))
+    settings = copy.deepcopy(PAPER_SETTINGS[name])
+    t5 = settings.pop("t5", None)
+    scale["recipe"] = SCALES[name]["recipe"] if t5 is None else dict(SCALES[name]["recipe"], t5=t5)
+    scale.update(settings)
     return scale
 
 
-def world_recipe(scale, world_seed):
-    """The backbones recipe of ``world_seed`` at ``scale`` (the scale's own recipe with that seed)."""
-    return dict(copy.deepcopy(scale["recipe"]), seed=world_seed)
+def world_recipe(scale, world_seed, llms=("opt",)):
+    """The backbones recipe of ``world_seed`` at ``scale`` (the scale's own recipe with that seed), with its T5 part
+    only when ``llms`` names "t5"."""
+    recipe = dict(copy.deepcopy(scale["recipe"]), seed=world_seed)
+    if "t5" not in llms:
+        recipe.pop("t5", None)
+    return recipe
 
 
-def backbones_folder(out, scale, world_seed):
-    """(folder, whether it must be built) of a world's frozen backbones."""
-    recipe = world_recipe(scale, world_seed)
-    if recipe == frozen_backbones.RECIPE:
-        return frozen_backbones.COMMITTED, False
+def covers(manifest_recipe, recipe):
+    """Whether backbones built from ``manifest_recipe`` hold every part of ``recipe``, built the same way."""
+    return manifest_recipe is not None and all(manifest_recipe.get(k) == v
+                                               for k, v in json.loads(json.dumps(recipe)).items())
+
+
+def _built_recipe(folder):
+    path = os.path.join(folder, frozen_backbones.MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("recipe")
+
+
+def backbones_folder(out, recipe):
+    """(folder, build) of a world's frozen backbones: ``build`` is None when the folder holds them already, else
+    (the recipe to build, the parts to build into the existing folder or None for all)."""
+    if covers(frozen_backbones.RECIPE, recipe):
+        return frozen_backbones.COMMITTED, None
     folder = os.path.join(out, "backbones")
-    return folder, not frozen_backbones.has_recipe(folder, recipe)
+    built = _built_recipe(folder)
+    if covers(built, recipe):
+        return folder, None
+    missing = [p for p in PARTS if p in recipe and (built or {}).get(p) != json.loads(json.dumps(recipe[p]))]
+    rest = {k: v for k, v in json.loads(json.dumps(recipe)).items() if k not in missing}
+    if built is not None and all(p in built for p in PARTS if p in rest) and covers(built, rest):
+        return folder, (dict(built, **{p: recipe[p] for p in missing}), missing)  # add the missing parts
+    return folder, (recipe, None)
 
 
-def world_context(out, scale, world_seed, seed=0):
-    """The context of one world's runs (folders, the paper world, the backbones' paths), world generated."""
+def world_context(out, scale, world_seed, seed=0, llms=("opt",)):
+    """The context of one world's runs (folders, the paper world, the backbones' paths), world generated;
+    ``llms``: the frozen LLMs the selected tables use (their backbones must be there or built)."""
     out = os.path.abspath(os.path.join(out, f"seed{world_seed}"))
-    recipe = world_recipe(scale, world_seed)
+    recipe = world_recipe(scale, world_seed, llms)
     ctx = {"out": out, "seed": seed, "world_seed": world_seed, "scale": scale, "recipe": recipe}
     for key in ("configs", "logs", "runs", "data"):
         ctx[key] = os.path.join(out, key)
         os.makedirs(ctx[key], exist_ok=True)
     ctx["world"] = build_world(os.path.join(out, "world"), recipe, held_out_pairs=scale["held_out_pairs"])
-    ctx["backbones_dir"], ctx["build_backbones"] = backbones_folder(out, scale, world_seed)
+    ctx["backbones_dir"], ctx["build_backbones"] = backbones_folder(out, recipe)
     folder = ctx["backbones_dir"]
-    ctx["lm"], ctx["bert"], ctx["vit"], ctx["t5"] = (os.path.join(folder, p) for p in ("lm", "bert", "vit.pth", "t5"))
+    ctx["lm"], ctx["bert"], ctx["vit"], ctx["t5"] = (os.path.join(folder, frozen_backbones.PART_PATHS[p])
+                                                     for p in ("lm", "bert", "vit", "t5"))
     return ctx
 
 
 def backbones_job(ctx):
-    """The job that builds a world's backbones from its recipe (one torch thread)."""
+    """The job that builds a world's backbones (or only their missing parts) from its recipe (one torch thread)."""
+    recipe, parts = ctx["build_backbones"]
     recipe_file = os.path.join(ctx["out"], "backbones_recipe.json")
     with open(recipe_file, "w", encoding="utf-8") as f:
-        json.dump(ctx["recipe"], f, indent=1)
+        json.dump(recipe, f, indent=1)
     args = ["-m", "lavis_pformer.demo.frozen_backbones", "--out", ctx["backbones_dir"], "--recipe", recipe_file,
             "--work", os.path.join(ctx["out"], "backbones.work"), "--threads", "1"]
+    if parts:
+        args += ["--parts", ",".join(parts)]
     return Job("backbones", args, os.path.join(ctx["logs"], "backbones.log"), cost=BUILD_COST)
+
+
+def video_context(ctx):
+    """The video table's context of a world (``video_table.prepare``): runs under ``<out>/seed<s>/video``, its
+    world and (world seed != 0) its built LM under ``<out>/seed<s>``."""
+    return video_table.prepare(os.path.join(ctx["out"], "video"), ctx["world_seed"], scale=ctx["scale"]["video"],
+                               seed=ctx["seed"], shared=ctx["out"])
+
+
+def video_needs(arm):
+    """The runs of a video arm (``video_table.table7_runs``)."""
+    runs = video_table.table7_runs()
+    key = "itg_align" if arm.align else "itg"
+    return set(runs[key]["train"]) | {runs[key]["eval"]} | ({runs["stage0"]} if arm.align else set())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,12 +223,16 @@ def plan_world(ctx, tables):
     """The jobs (named ``seed<s>/<run>``) of every table's arms on one world, and {arm name: the runs it needs}."""
     pre = [backbones_job(ctx)] if ctx["build_backbones"] else []
     plan = WorldPlan(ctx, after=[j.name for j in pre])
-    needs = {}
+    needs, video_jobs = {}, []
     for arm in arms_of(tables):
         if isinstance(arm, VideoArm):
-            raise NotImplementedError("video arms")
-        needs[arm.name] = plan.evaluations(arm)
-    jobs = pre + list(plan.jobs.values())
+            if not video_jobs:
+                ctx["video"] = video_context(ctx)
+                video_jobs = video_table.table7_jobs(ctx["video"])
+            needs[arm.name] = video_needs(arm)
+        else:
+            needs[arm.name] = plan.evaluations(arm)
+    jobs = pre + list(plan.jobs.values()) + video_jobs
     prefix = f"seed{ctx['world_seed']}/"
     for job in jobs:
         job.name = prefix + job.name

@@ -67,6 +67,27 @@ def ceilings_table(ceilings, per_world):
     return "\n".join(rows)
 
 
+def video_table_md(video, per_world):
+    """Table 7's teacher ceiling (val, test) and alignment levels per world, beside what each arm reached."""
+    rows = ["| world | split | teacher ceiling CIDEr / BLEU-4 / ROUGE-L / content | ITG alone CIDEr / content | "
+            "ITG + alignment CIDEr / content |", "|---|---|---|---|---|"]
+    levels = ["| world | alignment loss reached | one mean prompt for every video | lowest reachable (each video's "
+              "mean prompt) |", "|---|---|---|---|"]
+    for world, found in video.items():
+        if not found:
+            continue
+        arms = per_world.get(world, {})
+        for split, c in found["teacher_ceiling"].items():
+            reached = [f"{_f(arms.get(a, {}).get(f'cider_{split}'))} / {_f(arms.get(a, {}).get(f'content_{split}'))}"
+                       for a in ("video_itg", "video_itg_align")]
+            rows.append(f"| {world} | {split} | {_f(c.get('CIDEr'))} / {_f(c.get('Bleu_4'))} / {_f(c.get('ROUGE_L'))}"
+                        f" / {_f(c.get('content_accuracy'))} | {reached[0]} | {reached[1]} |")
+        lv = found["alignment_levels"] or {}
+        levels.append(f"| {world} | {_f(lv.get('reached'))} | {_f(lv.get('mean_prompt'))} | "
+                      f"{_f(lv.get('video_mean_prompt'))} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(levels)
+
+
 def costs_table(costs):
     rows = ["| table | runs | core-seconds of its runs (shared runs counted in each table) | its own runs only |",
             "|---|---|---|---|"]
@@ -90,6 +111,13 @@ def write(out, results, metric_labels, total_seconds=None):
              "The frozen LLM answering from each teacher's prompt of the true caption (text only, no image), beside "
              "its own text ceiling (the caption's text where the soft prompt goes): what the alignment pulls each "
              "arm's image side toward.", "", ceilings_table(results["ceilings"], results["per_world"]), ""]
+    if any(results.get("video", {}).values()):
+        lines += ["## Table 7: teacher ceiling and alignment levels", "",
+                  "The captions the frozen video LM writes from the stage-0 P-Former's prompt of each video's first "
+                  "true caption (text only, no video), and where the aligned arm's alignment-only stage ended "
+                  "(alignment loss, w x MSE) against a connector that ignores the video and the lowest level any "
+                  "function of the video can reach (video_table.alignment_levels).", "",
+                  video_table_md(results["video"], results["per_world"]), ""]
     for key, table in results["tables"].items():
         lines += [f"## {table['title']}", "", f"Paper: {table['paper']}.", ""]
         if table["note"]:

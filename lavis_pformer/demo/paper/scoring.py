@@ -10,6 +10,10 @@ Metric keys (``arm_metrics``), for split in val / test / test_ood:
   (and their quadrants); ``cap_held_test_ood``: share of held-out pairs present in out-of-domain scenes that the
   caption names; ``cider_<split>``, ``bleu4_<split>``, ``rougeL_<split>``: LAVIS's caption evaluator (COCO
   scorers).
+
+A video arm (Table 7) has, for split in val / test, ``cider_<split>``, ``bleu4_<split>``, ``rougeL_<split>``
+(LAVIS's caption evaluator against each video's captions) and ``content_<split>`` (share of videos whose caption
+names their colour, shape and direction: ``video_table.content_accuracy``).
 """
 import glob
 import json
@@ -17,11 +21,13 @@ import math
 import os
 import re
 
+from lavis_pformer.demo import video_table
 from lavis_pformer.demo.report import caption_metrics
 from lavis_pformer.demo.run_configs import run_dir
 from lavis_pformer.demo.vqa_scores import vqa_type_metrics
 from lavis_pformer.demo.probe import caption_objects
 from lavis_pformer.demo.paper.plan import EVAL_SPLITS, eval_name
+from lavis_pformer.demo.paper.tables import VideoArm
 
 SCORERS = {"CIDEr": "cider", "Bleu_4": "bleu4", "ROUGE_L": "rougeL"}
 _COLOUR_Q = re.compile(r"^what colou?r is the (\w+)\?$")
@@ -101,8 +107,22 @@ def caption_run_metrics(world, eval_dir):
     return out
 
 
+def video_arm_metrics(vctx, arm):
+    """The metrics of a video arm (``video_table.table7_metrics``), {} when its evaluation did not finish."""
+    key = "itg_align" if arm.align else "itg"
+    if not os.path.isfile(os.path.join(run_dir(vctx, video_table.table7_runs()[key]["eval"]), "evaluate.txt")):
+        return {}
+    out = {}
+    for split, m in video_table.table7_metrics(vctx, arms=(key,))[key].items():
+        out.update({f"{short}_{split}": m.get(name) for name, short in SCORERS.items()})
+        out[f"content_{split}"] = m["content_accuracy"]
+    return out
+
+
 def arm_metrics(ctx, arm):
     """Every metric of one arm on one world, from its evaluation runs (missing runs give no keys)."""
+    if isinstance(arm, VideoArm):
+        return video_arm_metrics(ctx["video"], arm)
     out = {}
     for kind, reader in (("vqa", vqa_metrics), ("caption", caption_run_metrics)):
         folder = run_dir(ctx, eval_name(arm, kind))
