@@ -65,7 +65,35 @@ def test_question_pair_and_held_out_pairs_named():
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
     scale = plan.paper_scale("smoke")
-    return plan.world_context(str(tmp_path_factory.mktemp("paper")), scale, world_seed=3)
+    return plan.world_context(str(tmp_path_factory.mktemp("paper")), scale, world_seed=3, llms=("opt", "t5"))
+
+
+def test_backbones_folder_builds_what_is_missing(tmp_path):
+    from lavis_pformer.demo import frozen_backbones as fb
+
+    scale = plan.paper_scale("cpu")
+    # world seed 0 is the committed recipe, with or without its T5 part
+    assert plan.backbones_folder(str(tmp_path), plan.world_recipe(scale, 0)) == (fb.COMMITTED, None)
+    assert plan.backbones_folder(str(tmp_path), plan.world_recipe(scale, 0, ("opt", "t5"))) == (fb.COMMITTED, None)
+    without_t5, with_t5 = plan.world_recipe(scale, 1), plan.world_recipe(scale, 1, ("opt", "t5"))
+    assert "t5" not in without_t5 and with_t5["t5"] == fb.RECIPE["t5"] and with_t5["seed"] == 1
+    folder = str(tmp_path / "backbones")
+    assert plan.backbones_folder(str(tmp_path), with_t5) == (folder, (with_t5, None))  # nothing there: all parts
+    os.makedirs(folder)
+    with open(os.path.join(folder, fb.MANIFEST), "w") as f:
+        json.dump({"recipe": without_t5}, f)
+    assert plan.backbones_folder(str(tmp_path), without_t5) == (folder, None)  # reused
+    assert plan.backbones_folder(str(tmp_path), with_t5) == (folder, (with_t5, ["t5"]))  # only the T5 added
+    with open(os.path.join(folder, fb.MANIFEST), "w") as f:
+        json.dump({"recipe": dict(without_t5, lm=dict(without_t5["lm"], steps=1))}, f)
+    # another OPT recipe: the OPT and the T5 built anew, the ViT and BERT kept (frozen_backbones --parts)
+    assert plan.backbones_folder(str(tmp_path), with_t5) == (folder, (with_t5, ["lm", "t5"]))
+    with open(os.path.join(folder, fb.MANIFEST), "w") as f:
+        json.dump({"recipe": dict(without_t5, seed=2)}, f)
+    assert plan.backbones_folder(str(tmp_path), with_t5) == (folder, (with_t5, None))  # another world: all parts
+    ctx = {"out": str(tmp_path), "logs": str(tmp_path), "backbones_dir": folder, "build_backbones": (with_t5, ["t5"])}
+    job = plan.backbones_job(ctx)
+    assert job.args[-2:] == ["--parts", "t5"] and json.load(open(tmp_path / "backbones_recipe.json")) == with_t5
 
 
 def test_plan_runs_each_run_once_and_chains_them(smoke_world):
@@ -119,7 +147,7 @@ def test_make_paper_at_smoke_scale_writes_every_table_with_evaluator_numbers(tmp
         assert set(got["cells"]) == {a.name for a in table.arms}, table.key
         for arm in table.arms:
             for metric, _ in table.metrics:
-                if arm.finetune and metric.startswith("vqa"):
+                if getattr(arm, "finetune", False) and metric.startswith("vqa"):
                     continue  # no VQA after caption fine-tuning
                 value = got["cells"][arm.name][metric]["per_world"]["5"]
                 assert isinstance(value, float) and 0.0 <= value <= (10.0 if "cider" in metric else 1.0), \
@@ -133,6 +161,22 @@ def test_make_paper_at_smoke_scale_writes_every_table_with_evaluator_numbers(tmp
     assert len(results["ceilings"]) == 1 + len(teachers) + 1  # the text ceilings of OPT and T5, every teacher
     for ceiling in results["ceilings"].values():
         assert set(ceiling["per_world"]["5"]) == {"test", "test_ood"}
+        for split in ("test", "test_ood"):
+            assert 0.0 <= ceiling["per_world"]["5"][split]["overall_excl_yesno"] <= 1.0
+    t5_teacher = results["ceilings"]["T5 teacher: " + tables.CORPORA["sent32k"]["label"]]
+    assert t5_teacher["arm"] == tables.T5_PFORMER.name
+    # Table 5 ran on the world's own T5, built into its backbones with the OPT, ViT and BERT
+    manifest = json.loads((tmp_path / "seed5" / "backbones" / "manifest.json").read_text())
+    assert manifest["recipe"]["seed"] == 5 and "t5/pytorch_model.bin" in manifest["files"]
+    stage2 = yaml.safe_load(open(tmp_path / "seed5" / "configs" / "t5_w10_100_sent32k_stage2.yaml"))
+    assert stage2["model"]["t5_model"] == str(tmp_path / "seed5" / "backbones" / "t5")
+    # Table 7: LAVIS's caption metrics of both video arms, its teacher ceiling and alignment levels
+    video = results["video"]["5"]
+    for split in ("val", "test"):
+        ceiling = video["teacher_ceiling"][split]
+        assert {"CIDEr", "Bleu_4", "ROUGE_L", "content_accuracy"} <= set(ceiling)
+    assert set(video["alignment_levels"]) == {"mean_prompt", "video_mean_prompt", "reached"}
+    assert all(isinstance(v, float) for v in video["alignment_levels"].values())
     text = (tmp_path / "results.md").read_text()
     assert "## Directions" in text and "## Teacher ceilings" in text and "Wall time" in text
     timings = json.loads((tmp_path / "timings.json").read_text())
