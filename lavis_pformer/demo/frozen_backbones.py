@@ -9,7 +9,7 @@ before each use, so that a demo run repeats exactly. A backbones folder holds:
 - ``vit.pth``: the frozen ``custom_vit`` (``vision_pretrain`` on the world's unpaired images);
 - ``bert/``: the BERT that the Q-Former and the P-Former start from (random weights, no dropout);
 - ``t5/``: the frozen encoder-decoder LM (tokenizer + ``T5ForConditionalGeneration``, ``t5_lm`` on the same
-  corpus), for the runs with ``pformer_t5`` / ``blip2_t5_pformer`` (the demo's runs do not read it);
+  corpus), for the runs with ``pformer_t5`` / ``blip2_t5_pformer`` (make paper's Table 5; the demo does not read it);
 - ``manifest.json``: the recipe (world, sizes, training settings, seed), the sha256 of every file, the
   quality figures (each LM's text ceiling per question type, the ViT's per-token accuracy), the versions of
   torch / transformers that built them, the build times (wall) and the CPU time of each part built (on a busy

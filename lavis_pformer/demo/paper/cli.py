@@ -5,7 +5,9 @@
 
 Steps: for each world seed, the paper world and its backbones (``plan``); every run of every table once, ``--jobs``
 at a time (``scheduler``; a failed run skips what needs it, the rest goes on); then each arm's metrics, the
-teachers' ceilings and the claims' directions (``scoring``, ``ceilings``) and the report (``report``).
+teachers' ceilings and the claims' directions (``scoring``, ``ceilings``) and the report (``report``). Tables 4, 5
+(the frozen T5 of the world's backbones) and 7 (``video_table`` under ``<out>/seed<s>/video``) run only when named
+or with ``--tables all``; their cost: docs/paper.md.
 """
 import argparse
 import json
