@@ -94,7 +94,7 @@ def test_table7_runs_end_to_end_and_scores_with_the_caption_evaluator(smoke_tabl
 
     ctx, jobs, times = smoke_table
     runs = vt.table7_runs()
-    assert set(times) == {j.name for j in jobs} and all(os.path.exists(j.cfg_path) for j in jobs)
+    assert set(times) == {j.name for j in jobs} and all(os.path.exists(j.args[-1]) for j in jobs)
     # the same budget: the baseline's epochs = the aligned arm's alignment epochs + captioning epochs
     cap = ctx["scale"]["caption"]
     itg, = runs["itg"]["train"]
