@@ -89,7 +89,8 @@ def video_table_md(video, per_world):
 
 
 def costs_table(costs):
-    rows = ["| table | runs | core-seconds of its runs (shared runs counted in each table) | its own runs only |",
+    rows = ["| table | runs | wall seconds of its runs, one thread each (shared runs counted in each table) | "
+            "its own runs only |",
             "|---|---|---|---|"]
     for key, c in costs.items():
         rows.append(f"| {key} | {c['runs']} | {c['seconds']:.0f} | {c['own_seconds']:.0f} |")
