@@ -117,8 +117,9 @@ def main(argv=None):
         ctx = contexts[world] = world_context(args.out, scale, world, llms=llms)
         world_jobs, needs[world] = plan_world(ctx, args.tables)
         jobs += world_jobs
-    times = {}
-    if not args.report_only:
+    if args.report_only:  # each finished run's time, from its done marker
+        times = {j.name: seconds for j in jobs if (seconds := j.finished_before()) is not None}
+    else:
         log(f"{len(jobs)} runs over worlds {args.worlds}, {scale['jobs']} at a time")
         times = run_jobs(jobs, scale["jobs"], scale["threads"], keep_going=True, reuse=args.reuse)
     arms = paper_tables.arms_of(args.tables)
@@ -142,9 +143,11 @@ def main(argv=None):
     total = time.time() - t0
     labels = {t.key: dict(t.metrics) for t in args.tables}
     text = report.write(args.out, results, labels, total_seconds=total)
-    with open(os.path.join(args.out, "timings.json"), "w") as f:
-        json.dump({"total": round(total, 1), "runs": {k: v for k, v in times.items() if k not in ("failed", "skipped")},
-                   "costs": results["costs"]}, f, indent=1)
+    if not args.report_only:  # the report alone keeps the timings of the run that made the results
+        with open(os.path.join(args.out, "timings.json"), "w") as f:
+            json.dump({"total": round(total, 1),
+                       "runs": {k: v for k, v in times.items() if k not in ("failed", "skipped")},
+                       "costs": results["costs"]}, f, indent=1)
     log(f"total wall time {total / 60:.1f} min")
     print(text, flush=True)
     return results
