@@ -122,17 +122,19 @@ def test_jsonl_bad_line_tolerance(tmp_path, caplog):
     assert f"skipped 2 bad lines in {path}" in caplog.text
 
 
-def test_storage_is_compact_not_list_of_dicts(tmp_path):
-    txt = _write(tmp_path / "a.txt", "one\n\ntwo\n")
+def test_storage_is_compact_not_list_of_dicts(tmp_path, annotation_cache):
+    """Each file's stripped sentences are one UTF-8 buffer with int32 offsets, mapped from its cache file."""
+    txt = _write(tmp_path / "a.txt", "one\n\n two \n")
     jsn = _write(tmp_path / "b.json", json.dumps([{"caption": "three"}, {"text": "four"}]))
     ds = SentenceCorpusDataset(PROC, [txt, jsn])
     lines, buf = ds.sources
     assert not hasattr(ds, "annotation")
-    assert isinstance(lines.offsets, np.ndarray) and lines.offsets.dtype == np.int64
-    assert lines.offsets.tolist() == [0, 5]
-    assert isinstance(buf.buffer, np.ndarray) and buf.buffer.dtype == np.uint8
-    assert buf.offsets.dtype == np.int64 and buf.buffer.tobytes() == b"threefour"
-    assert not any(isinstance(v, (list, dict)) for s in ds.sources for v in vars(s).values())
+    assert lines.text_buffer.dtype == np.uint8 and lines.text_buffer.tobytes() == b"onetwo"
+    assert lines.text_offsets.dtype == np.int32 and lines.text_offsets.tolist() == [0, 3, 6]
+    assert buf.text_buffer.tobytes() == b"threefour" and buf.text_offsets.tolist() == [0, 5, 9]
+    assert not any(isinstance(v, list) for s in ds.sources for v in vars(s).values())
+    assert all(os.path.dirname(s.table.path) == annotation_cache for s in ds.sources)
+    assert not lines.text_buffer.flags.writeable  # a view of the read-only mapping, not a copy
 
 
 def test_pickles_and_loads_with_two_workers(tmp_path):
@@ -140,9 +142,9 @@ def test_pickles_and_loads_with_two_workers(tmp_path):
     a = _write(tmp_path / "a.txt", "\n".join(sentences[:25]) + "\n")
     b = _write(tmp_path / "b.jsonl", "\n".join(json.dumps({"caption": s}) for s in sentences[25:]))
     ds = SentenceCorpusDataset(BlipCaptionProcessor(), [a, b])
-    assert ds[0]["text_input"] == "sentence number 0"  # parent opens its handles before forking
+    assert ds[0]["text_input"] == "sentence number 0"
     clone = pickle.loads(pickle.dumps(ds))
-    assert all(s._fh is None for s in pickle.loads(pickle.dumps(ds)).sources)
+    assert b"number 7" not in pickle.dumps(ds)  # pickled as the cache files' paths, not the sentences
     assert _texts(clone) == _texts(ds)
     loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=2, collate_fn=ds.collater)
     seen = {}
