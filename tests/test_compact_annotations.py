@@ -43,7 +43,9 @@ def write_records(tiny, tmp_path, n=40, seed=0):
     return world, [str(first), str(second)], [str(first), str(lavis_second)]
 
 
-def test_items_are_those_of_lavis_caption_dataset(tiny, tmp_path):
+@pytest.mark.parametrize("batch", [1, 3, 1 << 16])  # batches of one id type each, mixed, all records in one
+def test_items_are_those_of_lavis_caption_dataset(tiny, tmp_path, monkeypatch, batch):
+    monkeypatch.setattr(json_batches, "BATCH", batch)
     world, ours_paths, lavis_paths = write_records(tiny, tmp_path)
     vis, text = BlipImageEvalProcessor(image_size=32), BlipCaptionProcessor(max_words=50)
     ours = LocalCaptionDataset(vis, text, world, ours_paths)

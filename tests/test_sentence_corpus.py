@@ -120,6 +120,12 @@ def test_jsonl_bad_line_tolerance(tmp_path, caplog):
         ds = SentenceCorpusDataset(PROC, [path], max_bad_lines=2)
     assert _texts(ds) == ["a b", "c", "d"]
     assert f"skipped 2 bad lines in {path}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # mapped from the cache file: the same sentences and the same warning
+        assert _texts(SentenceCorpusDataset(PROC, [path], max_bad_lines=2)) == ["a b", "c", "d"]
+    assert f"skipped 2 bad lines in {path}" in caplog.text and "parsed in" not in caplog.text
+    with pytest.raises(ValueError, match=r"line 2: invalid JSON.*max_bad_lines"):  # a stricter run parses again
+        SentenceCorpusDataset(PROC, [path])
 
 
 def test_storage_is_compact_not_list_of_dicts(tmp_path, annotation_cache):

@@ -138,6 +138,20 @@ def _write(path, columns, metadata):
         os.close(fd)
 
 
+def _remove_leftovers(path):
+    """Delete what builders of ``path`` that died left (``<name>.<host>.<pid>.tmp`` and its spool folder); only
+    under the lock, when no other builder can be running."""
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder):
+        if entry.startswith(name + ".") and entry.endswith((".tmp", ".tmp.spool")):
+            logger.info("removing %s, left by a build that did not finish", entry)
+            target = os.path.join(folder, entry)
+            if os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.remove(target)
+
+
 def open_table(path):
     """(record batch mapped from ``path``, its metadata); the batch's buffers are views of the mapping."""
     reader = pa.ipc.open_file(pa.memory_map(path, "r"))
@@ -200,7 +214,8 @@ class ArrowCache:
                            "build_info.cache_dir to a writable folder to start fast next time", label, self.folder, e)
             return self._build_private(build, stamp, label)
         with lock:
-            self._take(lock, path, label)
+            if self._take(lock, path, label):
+                _remove_leftovers(path)
             found = self._valid(path, stamp, accept)  # built by the process this one waited for
             if found is not None:
                 return found
@@ -211,6 +226,8 @@ class ArrowCache:
 
     @staticmethod
     def _take(lock, path, label):
+        """Lock ``path`` for this process (waiting for another builder); False where the file system has no
+        flock."""
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,6 +238,8 @@ class ArrowCache:
         except OSError as e:
             logger.warning("%s: no file lock on %s (%s): building without waiting for other processes", label,
                            path, e)
+            return False
+        return True
 
     @staticmethod
     def _valid(path, stamp, accept):
@@ -238,10 +257,11 @@ class ArrowCache:
         return CachedTable(batch, metadata, path)
 
     def _build_file(self, path, build, stamp, label, cache_path):
-        """Build into ``path`` (a spool folder beside it for the columns); errors that come from a full disk name
+        """Build into ``path`` (the columns spooled in ``<path>.spool``); errors that come from a full disk name
         the folder and the fix."""
         start = time.perf_counter()
-        spool = tempfile.mkdtemp(prefix=".spool-", dir=os.path.dirname(path))
+        spool = path + ".spool"
+        os.mkdir(spool)
         try:
             columns, metadata = build(spool)
             _write(path, columns, dict(metadata, cache_format=FORMAT, sources=stamp))

@@ -167,7 +167,7 @@ def _build(paths, spool):
     columns = {"image": images.finish(), "caption": captions.finish()}
     columns["image_index"], num_images = ids.dense()
     metadata = {"files": files, "num_images": num_images,
-                "num_image_files": pc.count_distinct(columns["image"]).as_py()}
+                "num_image_files": len(pc.unique(columns["image"]))}
     return columns, metadata
 
 
