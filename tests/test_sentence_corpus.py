@@ -12,6 +12,7 @@ from lavis.processors.blip_processors import BlipCaptionProcessor
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+import lavis_pformer.datasets.json_batches as json_batches
 from lavis_pformer.datasets.sentence_corpus import SentenceCorpusDataset
 
 PROC = BlipCaptionProcessor(max_words=4)
@@ -54,6 +55,27 @@ def test_formats_clean_like_blip_caption(tmp_path, name, content):
     ds = SentenceCorpusDataset(PROC, [_write(tmp_path / name, content)])
     assert _texts(ds) == CLEAN
     assert ds[1] == {"text_input": CLEAN[1], "instance_id": "1"}
+
+
+@pytest.mark.parametrize("chunk,batch", [(1, 1), (7, 2), (1 << 20, 1 << 16)])
+def test_chunks_and_batches_of_any_size(tmp_path, monkeypatch, chunk, batch):
+    """Files read a few bytes (json_batches.LINE_CHUNK) and decoded a few records (BATCH) at a time: the same
+    sentences, QA fields, blank counts and bad-line numbers."""
+    monkeypatch.setattr(json_batches, "LINE_CHUNK", chunk)
+    monkeypatch.setattr(json_batches, "BATCH", batch)
+    txt = tmp_path / "a.txt"
+    txt.write_bytes("\ufeffFirst one.\n\n  second ONE  \r\n".encode() + b"caf\xe9\nthird\n")
+    jsonl = _write(tmp_path / "b.jsonl", '{"caption": "Q one", "question": "Why?", "answer": 3}\n\n{"text": 5}\n'
+                                         '{"text": "plain"}\n')
+    jsn = _write(tmp_path / "c.json", json.dumps([{"caption": "x y"}, {"caption": " "}, {"text": "z"}]))
+    ds = SentenceCorpusDataset(PROC, [str(txt), jsonl, jsn], max_bad_lines=1)
+    assert _texts(ds) == ["first one", "second one", "third", "q one", "plain", "x y", "z"]
+    assert ds[3]["question"] == "why?" and ds[3]["answer"] == "3" and "question" not in ds[4]
+    with pytest.raises(ValueError, match=r"a\.txt, line 4: not UTF-8"):
+        SentenceCorpusDataset(PROC, [str(txt)])
+    with pytest.raises(ValueError, match=r"b\.jsonl, line 3: expected a JSON object with a \"caption\" or \"text\" "
+                                         r"string, got keys \['text'\]"):
+        SentenceCorpusDataset(PROC, [jsonl])
 
 
 def test_several_files_and_utf8_bom(tmp_path):

@@ -65,8 +65,8 @@ def _where(message, mapped, start):
     return f"line {len(newlines) + 1}, column {column} (byte {pos}): {reason}"
 
 
-def line_batches(path):
-    """(number of the first line, [bytes of each line without its newline]) of ``path``: whole lines, about
+def line_chunks(path):
+    """(number of the first line, bytes of whole lines without the last newline) of ``path``, about
     :data:`LINE_CHUNK` bytes at a time; a UTF-8 BOM that starts the file is dropped."""
     with open(path, "rb") as f:
         head = f.read(len(_BOM))
@@ -75,16 +75,22 @@ def line_batches(path):
             data = f.read(LINE_CHUNK)
             if not data:
                 if rest:
-                    yield number, [rest]
+                    yield number, rest
                 return
             data = rest + data
             cut = data.rfind(b"\n")
             if cut < 0:
                 rest = data
                 continue
-            lines, rest = data[:cut].split(b"\n"), data[cut + 1:]
-            yield number, lines
-            number += len(lines)
+            chunk, rest = data[:cut], data[cut + 1:]
+            yield number, chunk
+            number += chunk.count(b"\n") + 1
+
+
+def line_batches(path):
+    """(number of the first line, [bytes of each line without its newline]) of ``path``, a chunk at a time."""
+    for number, chunk in line_chunks(path):
+        yield number, chunk.split(b"\n")
 
 
 def decode_each(decode, items):

@@ -42,7 +42,8 @@ from omegaconf import OmegaConf
 
 from lavis_pformer.datasets.arrow_cache import ArrowCache, StringSpool, cache_folder, string_views, text_at
 from lavis_pformer.datasets.files import invalid_json
-from lavis_pformer.datasets.json_batches import JSONListError, decode_each, json_list_batches, line_batches
+from lavis_pformer.datasets.json_batches import (JSONListError, decode_each, json_list_batches, line_batches,
+                                                 line_chunks)
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from lavis_pformer.errors import ConfigError, DataError, MissingFileError
 from torch.utils.data import Dataset
@@ -163,12 +164,12 @@ class _Columns:
 
 
 def _text_batches(path, tally, columns):
-    for first, lines in line_batches(path):
+    for first, chunk in line_chunks(path):
         try:
-            texts = b"\n".join(lines).decode("utf-8").split("\n")
+            texts = chunk.decode("utf-8").split("\n")
         except UnicodeDecodeError:
             texts = []
-            for number, raw in enumerate(lines, first):
+            for number, raw in enumerate(chunk.split(b"\n"), first):
                 try:
                     texts.append(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
