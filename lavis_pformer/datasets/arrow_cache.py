@@ -73,13 +73,16 @@ class StringSpool:
         self.ends, self.masks, self.size, self.rows, self.nulls = [], [], 0, 0, 0
 
     def append(self, values):
-        """Add ``values`` (str or None); returns them as an Arrow array."""
-        array = pa.array(values, pa.large_string())
-        offsets = np.frombuffer(array.buffers()[1], np.int64, len(array) + 1)
-        self.file.write(memoryview(array.buffers()[2] or b"")[:offsets[-1]])
-        self.ends.append(offsets[1:] + self.size)
+        """Add ``values`` (a list of str or None, or an Arrow string array); returns them as an Arrow array."""
+        array = values if isinstance(values, pa.Array) else pa.array(values, pa.large_string())
+        if array.type != pa.large_string():
+            array = array.cast(pa.large_string())
+        offsets = np.frombuffer(array.buffers()[1], np.int64, len(array) + 1, array.offset * 8)
+        self.file.write(memoryview(array.buffers()[2] or b"")[offsets[0]:offsets[-1]])
+        self.ends.append(offsets[1:] - offsets[0] + self.size)
         self.masks.append(np.asarray(array.is_valid()) if array.null_count else len(array))
-        self.size, self.rows, self.nulls = self.size + int(offsets[-1]), self.rows + len(array), self.nulls + array.null_count
+        self.size += int(offsets[-1] - offsets[0])
+        self.rows, self.nulls = self.rows + len(array), self.nulls + array.null_count
         return array
 
     def finish(self):

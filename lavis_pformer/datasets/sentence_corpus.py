@@ -36,6 +36,8 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from lavis.common.registry import registry
 from lavis.processors.blip_processors import BlipQuestionProcessor
 from omegaconf import OmegaConf
@@ -164,18 +166,24 @@ class _Columns:
 
 
 def _text_batches(path, tally, columns):
+    """The lines of a text file, stripped (Arrow's whitespace trim strips what ``str.strip`` does), blank ones
+    counted; a chunk that is not UTF-8 is read line by line to name (and count) its bad lines."""
     for first, chunk in line_chunks(path):
+        newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
+        starts = np.concatenate([[0], newlines + 1, [len(chunk)]]).astype(np.int64)  # a line ends with its \n
+        lines = pa.Array.from_buffers(pa.large_binary(), len(starts) - 1, [None, pa.py_buffer(starts),
+                                                                           pa.py_buffer(chunk)])
         try:
-            texts = chunk.decode("utf-8").split("\n")
-        except UnicodeDecodeError:
+            texts = pc.utf8_trim_whitespace(lines.cast(pa.large_string()))
+        except pa.ArrowInvalid:  # not UTF-8
             texts = []
             for number, raw in enumerate(chunk.split(b"\n"), first):
                 try:
-                    texts.append(raw.decode("utf-8"))
+                    texts.append(raw.decode("utf-8").strip())
                 except UnicodeDecodeError as e:
                     tally.bad_record(f"line {number}", f"not UTF-8 ({e.reason})")
-        texts = [t.strip() for t in texts]
-        kept = [t for t in texts if t]
+            texts = pa.array(texts, pa.large_string())
+        kept = pc.filter(texts, pc.greater(pc.binary_length(texts), 0))
         tally.blank += len(texts) - len(kept)
         columns.add(kept)
 
