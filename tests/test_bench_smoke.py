@@ -99,14 +99,20 @@ def test_bench_train_step_flan_t5_twin(backbones, tmp_path):
 
 def test_bench_annotations_memory(tmp_path):
     data = bench_annotations_memory.main(["--pairs", "3000", "--ranks", "1", "--workers", "1", "--variants",
-                                          "lavis,compact", "--workdir", str(tmp_path), "--results-dir", str(tmp_path)])
+                                          "lavis,first,cached", "--workdir", str(tmp_path), "--results-dir",
+                                          str(tmp_path)])
     assert os.path.isfile(os.path.join(tmp_path, "bench_annotations_memory_cpu.md"))
-    assert [r["variant"] for r in data["results"]] == ["lavis", "compact"]
+    assert [(r["pairs"], r["variant"]) for r in data["results"]] == [(3000, "lavis"), (3000, "first"), (3000, "cached")]
     for r in data["results"]:
         assert r["summary"]["samples"] == 3000 and r["summary"]["processes"] == 2
-        for key in ("rank_rss", "rank_pss", "worker_rss", "worker_pss", "total_pss", "rank_peak_rss"):
+        for key in ("rank_rss", "rank_pss", "worker_rss", "worker_pss", "total_pss", "rank_peak_rss", "build_s",
+                    "rank_build_peak_anon"):
             assert positive(r["summary"][key]), key
-    assert positive(data["ratios"]["total_pss"])
+    assert positive(data["ratios"][3000]["first_start"]) and positive(data["ratios"][3000]["cached_total_pss"])
+    skipped = bench_annotations_memory.main(["--pairs", "2000", "--variants", "lavis", "--lavis-max-pairs", "1000",
+                                             "--workdir", str(tmp_path), "--results-dir", str(tmp_path)])
+    assert skipped["results"] == [] and skipped["ratios"] == {2000: {}}
+    assert "LAVIS at 2,000 pairs: not measured" in open(os.path.join(tmp_path, "bench_annotations_memory_cpu.md")).read()
 
 
 def test_bench_inference(backbones, tmp_path):
