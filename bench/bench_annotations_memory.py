@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,8 @@ def run_rank(args):
         dataset = build(args.variant, args.file) if args.variant != "baseline" else _Indices(args.pairs)
     build_s = time.perf_counter() - start
     after_build = memory(os.getpid())
+    if args.start_only:
+        return _gather(args, {"rank": rank, "build_s": build_s, "build_peak_anon": anon.peak})
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=256, sampler=sampler, num_workers=args.workers, collate_fn=count,
                         persistent_workers=args.workers > 0)
@@ -174,27 +177,35 @@ def run_rank(args):
     result = {"rank": rank, "build_s": build_s, "build_peak_anon": anon.peak, "epoch_s": epoch_s, "samples": seen,
               "after_build": after_build,
               "main": memory(os.getpid()), "workers": [memory(pid) for pid in workers]}
-    results = [None] * world
+    _gather(args, result)
+    del iterator, loader
+
+
+def _gather(args, result):
+    """Rank 0 writes every rank's ``result`` to ``args.out``."""
+    import torch.distributed as dist
+
+    results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
-    if rank == 0:
+    if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
     dist.barrier()
-    del iterator, loader
     dist.destroy_process_group()
 
 
 # --- the driver ------------------------------------------------------------------------------------------------
 
-def run_variant(variant, args, pairs, path, workdir):
-    """One torchrun of ``variant`` on the file of ``pairs`` pairs; "first" starts from an empty cache folder."""
+def run_variant(variant, args, pairs, path, workdir, start_only=False):
+    """One torchrun of ``variant`` on the file of ``pairs`` pairs ("first" starts from an empty cache folder); with
+    ``start_only`` the ranks build the dataset and stop (no epoch, no memory)."""
     out = os.path.join(workdir, f"{variant}_{pairs}.json")
     cache = os.path.join(workdir, f"cache_{pairs}")
     if variant == "first":
         shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port",
            str(_free_port()), os.path.abspath(__file__), "--rank-process", "--variant", variant, "--file", path,
-           "--workers", str(args.workers), "--pairs", str(pairs), "--out", out]
+           "--workers", str(args.workers), "--pairs", str(pairs), "--out", out] + (["--start-only"] if start_only else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=C.REPO, LAVIS_PFORMER_CACHE=cache)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -224,7 +235,7 @@ def summarize(result):
         "rank_after_build_rss": mean([r["after_build"] for r in ranks], "Rss"),
         "worker_rss": mean(workers, "Rss"), "worker_pss": mean(workers, "Pss"), "worker_private": mean(workers, "Private"),
         "total_pss": sum(m["Pss"] for m in mains) + sum(w["Pss"] for w in workers),
-        "processes": len(mains) + len(workers), "build_s": max(r["build_s"] for r in ranks),
+        "processes": len(mains) + len(workers), "build_s": statistics.median(result["starts"]),
         "epoch_s": max(r["epoch_s"] for r in ranks), "samples": sum(r["samples"] for r in ranks),
     }
 
@@ -257,7 +268,8 @@ def table(sizes, args):
 
 NOTES = [
     "start s: from the dataset's constructor called to its return, on the slowest rank (in a first start one rank "
-    "parses and writes the cache file while the others wait for it, then all map it).",
+    "parses and writes the cache file while the others wait for it, then all map it); the median of the start of the "
+    "memory run and of --start-rounds more starts (each its own torchrun, the order reversed every other round).",
     "PSS: each shared page counted 1/N in each of the N processes that map it, so the total PSS of all processes is "
     "what the run holds; private = pages only this process maps (for a forked worker: the copy-on-write copies it "
     "made); rank peak RSS = VmHWM of the rank that peaked highest (it counts the pages of mapped files: the JSON file "
@@ -276,6 +288,18 @@ def annotation_file(workdir, pairs):
         write_annotations(path, pairs)
         print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
     return path
+
+
+def start_rounds(results, args, pairs, path, workdir):
+    """``--start-rounds`` more starts of each variant that ran (not the baseline), each its own torchrun that stops
+    once the dataset is built, the order reversed every other round; appended to each result's ``starts``."""
+    variants = [v for v in VARIANTS if v in results and v != "baseline"]
+    for r in range(args.start_rounds):
+        for variant in (variants if r % 2 else variants[::-1]):
+            run = run_variant(variant, args, pairs, path, workdir, start_only=True)
+            results[variant]["starts"].append(max(rank["build_s"] for rank in run["ranks"]))
+        print(f"{pairs:,} start round {r + 1}: " + ", ".join(f"{v} {results[v]['starts'][-1]:.1f} s"
+                                                             for v in variants), flush=True)
 
 
 def lavis_not_measured(pairs, sizes, args):
@@ -304,6 +328,8 @@ def ratios(results):
             continue
         ours = results[variant]["summary"]
         out[f"{variant}_start"] = ours["build_s"] / lv["build_s"]
+        paired = [a / b for a, b in zip(results[variant]["starts"], results["lavis"]["starts"])]  # round by round
+        out[f"{variant}_start_paired_min"], out[f"{variant}_start_paired_max"] = min(paired), max(paired)
         out.update({f"{variant}_{k}": ours[k] / lv[k] for k in ("total_pss", "rank_peak_rss", "rank_build_peak_anon")
                     if lv[k]})
         if "baseline" in results:
@@ -318,6 +344,9 @@ def main(argv=None):
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", default="lavis,first,cached,baseline")
+    parser.add_argument("--start-rounds", type=int, default=2,
+                        help="more starts of each variant (start time only) after the memory runs; the table gives "
+                             "the median")
     parser.add_argument("--lavis-max-pairs", type=int, default=10_000_000,
                         help="LAVIS's variant is not run above this size (a list of dicts per rank, a copy per worker)")
     parser.add_argument("--workdir", default=None, help="where the annotation files are written (kept for reruns)")
@@ -327,6 +356,7 @@ def main(argv=None):
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank_process:
         args.pairs = int(args.pairs)
@@ -348,11 +378,14 @@ def main(argv=None):
                 notes.append(lavis_not_measured(pairs, sizes, args))
                 continue
             result = run_variant(variant, args, pairs, files[pairs], workdir)
-            result["summary"] = summarize(result)
+            result["starts"] = [max(r["build_s"] for r in result["ranks"])]
             sizes[pairs][variant] = result
-            s = result["summary"]
-            print(f"{pairs:,} {variant}: start {s['build_s']:.1f} s, rank PSS {s['rank_pss'] / R.MB:,.0f} MB, worker "
-                  f"PSS {s['worker_pss'] / R.MB:,.0f} MB, total PSS {s['total_pss'] / R.MB:,.0f} MB", flush=True)
+        start_rounds(sizes[pairs], args, pairs, files[pairs], workdir)
+        for variant, result in sizes[pairs].items():
+            result["summary"] = s = summarize(result)
+            print(f"{pairs:,} {variant}: start {s['build_s']:.1f} s (median of {len(result['starts'])}), rank PSS "
+                  f"{s['rank_pss'] / R.MB:,.0f} MB, worker PSS {s['worker_pss'] / R.MB:,.0f} MB, total PSS "
+                  f"{s['total_pss'] / R.MB:,.0f} MB", flush=True)
     machine = R.machine_info("cpu")
     sizes_line = (", ".join(f"{p:,} pairs ({os.path.getsize(f) / R.MB:,.0f} MB JSON list)" for p, f in files.items())
                   + f", {args.ranks} ranks x {args.workers} workers, gloo, fork")

@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 
+import lavis_pformer.datasets.compact as compact
 import lavis_pformer.datasets.json_batches as json_batches
 from lavis.datasets.datasets.caption_datasets import CaptionDataset
 from lavis.processors.blip_processors import BlipCaptionProcessor, BlipImageEvalProcessor
@@ -134,3 +135,26 @@ def test_bad_json_line_names_the_line(tmp_path):
     path.write_text('{"image": "a", "caption": "b", "image_id": 1}\n\n{"image": "a", "caption": 2, "image_id": 1}\n')
     with pytest.raises(DataError, match="entry 1: caption 2 is not a string"):
         CompactCaptions([str(path)])
+
+
+@pytest.mark.parametrize("values", [[], [5], [1, 2, 3, 7], [4, 4, 2, 2, 2, 9], [3, 1, 3, 2, 1, 3], ["b", "a", "b"],
+                                    ["a", "a", "c", "d"], list(range(50, 0, -1)) * 2])
+def test_numbered_in_order_is_lavis_img_ids(values):
+    """Runs, sorted heads (nothing hashed) or the dictionary encoding: the numbering of LAVIS's img_ids dict."""
+    import pyarrow as pa
+
+    ids = {}
+    for v in values:
+        ids.setdefault(v, len(ids))
+    codes, count = compact.numbered_in_order(pa.array(values, pa.int64() if not values or isinstance(values[0], int)
+                                                      else pa.string()))
+    assert codes.tolist() == [ids[v] for v in values] and count == len(ids) and codes.dtype == "int32"
+
+
+def test_image_files_counted_as_far_as_the_image_check_needs(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"image": f"{i % 300}.jpg", "caption": "c", "image_id": i} for i in range(1000)]))
+    store = CompactCaptions([str(path)])
+    assert 10 < store.num_image_files(up_to=10) < 300  # stopped early: more than 10 is all the check needs
+    assert store.num_image_files(up_to=500) == 300 == store.num_image_files()
+    assert store.image_files()[:3] == ["0.jpg", "1.jpg", "2.jpg"] and len(store.image_files()) == 300

@@ -278,6 +278,7 @@ class ArrowCache:
             raise
         finally:
             shutil.rmtree(spool, ignore_errors=True)
+            pa.default_memory_pool().release_unused()  # else the pool keeps what the build freed, and forks share it
         logger.info("%s: parsed in %.1f s into %s (%.0f MB)", label, time.perf_counter() - start,
                     cache_path or "a private temporary file", os.path.getsize(path) / 2 ** 20)
 

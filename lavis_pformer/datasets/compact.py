@@ -18,14 +18,15 @@ pages. A spawned worker receives the file's path and maps it too.
 
 Parsing: msgspec (:mod:`~lavis_pformer.datasets.json_batches`: a JSON list is split into its elements, JSON lines
 are read in chunks) decodes batches of records into a ``Struct`` of the three fields, which become Arrow columns
-written to disk as they come; image ids are numbered by Arrow's dictionary encoding (a hash table in C++). The
-whole parsed file never exists in memory.
+written to disk as they come; image ids are numbered by Arrow's dictionary encoding (a hash table in C++; see
+:func:`numbered_in_order`). The whole parsed file never exists in memory.
 """
 import json
 import os
 from typing import Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -46,26 +47,31 @@ class _Record(msgspec.Struct, gc=False):
 
 
 _decode = msgspec.json.Decoder(_Record).decode
+_decode_list = msgspec.json.Decoder(list[_Record]).decode
 
 
 def _is_lines(path):
     return os.path.splitext(path)[1].lower() in (".jsonl", ".ndjson")
 
 
-def _batches(path):
-    """(index of the first record, [raw record], line_of) of a caption annotation file, a batch at a time: a JSON
-    list, or JSON lines (``.jsonl`` / ``.ndjson``; blank lines skipped). ``line_of(j)``: the line of record ``j``
-    of the batch (JSON lines), else None."""
+def _decoded_batches(path):
+    """(index of the first record, [raw record], ([_Record or the msgspec error of that record], no error), line_of)
+    of a caption annotation file, a batch at a time: a JSON list, or JSON lines (``.jsonl`` / ``.ndjson``; blank lines
+    skipped). ``line_of(j)``: the line of record ``j`` of the batch (JSON lines), else None."""
     if _is_lines(path):
         index = 0
         for first, lines in line_batches(path):
             items = [line for line in lines if line.strip()]
-            yield index, items, _line_of(first, lines)
+            yield index, items, decode_each(_decode, items), _line_of(first, lines)
             index += len(items)
         return
     try:
-        for index, items in json_list_batches(path):
-            yield index, items, None
+        for index, items, window in json_list_batches(path):
+            try:
+                decoded = _decode_list(window), True
+            except msgspec.MsgspecError:  # find the record (and its error) one by one
+                decoded = decode_each(_decode, items)
+            yield index, items, decoded, None
     except JSONListError as e:
         if e.first is not None:
             raise DataError(f"{WHAT} {path}: expected a JSON list of objects with keys {list(REQUIRED)}, "
@@ -130,18 +136,35 @@ class _ImageIds:
             self.chunks.append(("tagged", pa.array([_tagged(v) for v in values], pa.string())))
 
     def dense(self):
-        """(int32 Arrow array: the number of each record's id, the number of distinct ids)."""
-        if not self.chunks:
-            return pa.array([], pa.int32()), 0
-        if len({kind for kind, _ in self.chunks}) == 1:
+        """(int32 numpy array: the number of each record's id, the number of distinct ids)."""
+        if len({kind for kind, _ in self.chunks}) <= 1:
             arrays = [array for _, array in self.chunks]
         else:  # mixed batches: every id as its tagged string
             tag = {"int64": lambda a: pc.binary_join_element_wise("i", pc.cast(a, pa.string()), ""),
                    "string": lambda a: pc.binary_join_element_wise("s", a, ""), "tagged": lambda a: a}
             arrays = [tag[kind](array) for kind, array in self.chunks]
         self.chunks = []
-        encoded = pc.dictionary_encode(pa.chunked_array(arrays))  # one dictionary across the chunks
-        return pa.concat_arrays([chunk.indices for chunk in encoded.chunks]), len(encoded.chunks[0].dictionary)
+        if arrays and arrays[0].type == pa.string():
+            arrays = [a.cast(pa.large_string()) for a in arrays]  # one array of them may pass 2 GiB
+        return numbered_in_order(pa.chunked_array(arrays, arrays[0].type if arrays else pa.int64()).combine_chunks())
+
+
+def numbered_in_order(array):
+    """(int32 numpy array: 0, 1, ... numbering the distinct values of ``array`` in order of first appearance, the
+    number of distinct values). Equal neighbours form runs and only the first value of each run is hashed (Arrow's
+    dictionary encoding); when those are strictly increasing (a file in id or path order) nothing is hashed."""
+    if len(array) == 0:
+        return np.zeros(0, np.int32), 0
+    starts = np.ones(len(array), bool)
+    starts[1:] = pc.not_equal(array[1:], array[:-1]).to_numpy(zero_copy_only=False)
+    runs = not starts.all()
+    heads = array.filter(pa.array(starts)) if runs else array
+    if pc.all(pc.less(heads[:-1], heads[1:])).as_py() is not False:  # all distinct: numbered as they come
+        codes, count = np.arange(len(heads), dtype=np.int32), len(heads)
+    else:
+        encoded = pc.dictionary_encode(heads)
+        codes, count = encoded.indices.to_numpy(), len(encoded.dictionary)
+    return (codes[np.cumsum(starts) - 1] if runs else codes).astype(np.int32, copy=False), count
 
 
 def _blank(captions):
@@ -155,8 +178,7 @@ def _build(paths, spool):
     ids, files, total = _ImageIds(), [], 0
     for path in paths:
         start, blank = total, 0
-        for index, items, line_of in _batches(path):
-            records, ok = decode_each(_decode, items)
+        for index, items, (records, ok), line_of in _decoded_batches(path):
             if not ok:
                 _raise_first_error(path, index, items, records, line_of)
             images.append([r.image for r in records])
@@ -164,11 +186,9 @@ def _build(paths, spool):
             ids.append([r.image_id for r in records])
             total += len(records)
         files.append({"path": path, "start": start, "records": total - start, "blank": blank})
-    columns = {"image": images.finish(), "caption": captions.finish()}
-    columns["image_index"], num_images = ids.dense()
-    metadata = {"files": files, "num_images": num_images,
-                "num_image_files": len(pc.unique(columns["image"]))}
-    return columns, metadata
+    index, num_images = ids.dense()
+    columns = {"image": images.finish(), "caption": captions.finish(), "image_index": pa.array(index)}
+    return columns, {"files": files, "num_images": num_images}
 
 
 class CompactCaptions:
@@ -193,6 +213,7 @@ class CompactCaptions:
         self.caption_buffer, self.caption_offsets = string_views(columns["caption"])
         self.image_index = int_view(columns["image_index"])
         self.num_images, self.files = metadata["num_images"], metadata["files"]
+        self._image_file_count = None
 
     def __getstate__(self):
         return {"paths": self.paths, "table": self.table}  # the table pickles as its cache file's path
@@ -210,9 +231,22 @@ class CompactCaptions:
     def caption(self, i):
         return text_at(self.caption_buffer, self.caption_offsets, i)
 
-    def num_image_files(self):
-        """Distinct image paths."""
-        return self.table.metadata["num_image_files"]
+    def num_image_files(self, up_to=None):
+        """The number of distinct image paths; with ``up_to``, counting stops once it is passed (the result is then
+        some number above ``up_to``): longer and longer prefixes are counted, which costs little when a large set
+        has more files than a check would read."""
+        if self._image_file_count is not None:
+            return self._image_file_count
+        column = self.table.columns["image"]
+        length = len(column) if up_to is None else up_to + 1
+        while True:
+            found = len(pc.unique(column.slice(0, length)))
+            if length >= len(column):
+                self._image_file_count = found
+                return found
+            if found > up_to:
+                return found
+            length *= 4
 
     def image_files(self):
         """The distinct image paths, in order of first appearance (a list: for the builder's image check)."""

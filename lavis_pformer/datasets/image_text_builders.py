@@ -146,7 +146,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
                     "those images): remove them from the file if that is not intended.", file["path"], file["blank"],
                     file["records"],
                 )
-        wanted = images_checked(records.num_image_files(), "datasets.local_caption train", check)
+        wanted = images_checked(records.num_image_files, "datasets.local_caption train", check)
         images = [image_path(root, p) for p in records.image_files()] if wanted else []
         return records, images
 

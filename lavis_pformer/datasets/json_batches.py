@@ -32,8 +32,9 @@ class JSONListError(ValueError):
 
 
 def json_list_batches(path):
-    """(index of the first element, [msgspec.Raw]) of the JSON list in ``path``, :data:`BATCH` elements at a
-    time; :class:`JSONListError` if the file is empty, not a list, or not valid JSON."""
+    """(index of the first element, [msgspec.Raw], the batch as a JSON list: bytes) of the JSON list in ``path``,
+    :data:`BATCH` elements at a time; :class:`JSONListError` if the file is empty, not a list, or not valid JSON.
+    Decoding the batch's bytes at once is faster than decoding its elements one by one."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise JSONListError("the file is empty")
@@ -45,12 +46,21 @@ def json_list_batches(path):
     if mapped[first.start()] != ord("["):
         char = mapped[first.start():first.start() + 4].decode("utf-8", "replace")[:1]
         raise JSONListError(f"it starts with {char!r}", first=char)
+    view = memoryview(mapped)[start:]
     try:
-        elements = msgspec.json.decode(memoryview(mapped)[start:], type=list[msgspec.Raw])
+        elements = msgspec.json.decode(view, type=list[msgspec.Raw])
     except msgspec.DecodeError as e:
         raise JSONListError(_where(str(e), mapped, start)) from None
+    base = _address(view)
     for i in range(0, len(elements), BATCH):
-        yield i, elements[i:i + BATCH]
+        batch = elements[i:i + BATCH]
+        first, last = _address(batch[0]) - base, _address(batch[-1]) - base + memoryview(batch[-1]).nbytes
+        yield i, batch, b"".join((b"[", view[first:last], b"]"))  # the elements and the separators between them
+
+
+def _address(buffer):
+    """Where the bytes of ``buffer`` (a msgspec.Raw is a view into the file) start in memory."""
+    return np.frombuffer(buffer, np.uint8).ctypes.data
 
 
 def _where(message, mapped, start):

@@ -197,7 +197,7 @@ def _json_batches(path, fmt, tally, columns):
             yield items
         return
     try:
-        for index, items in json_list_batches(path):
+        for index, items, _ in json_list_batches(path):
             yield [(f"entry {index + j}", raw) for j, raw in enumerate(items)]
     except JSONListError as e:
         raise invalid_json("sentence file", path, e) from None
