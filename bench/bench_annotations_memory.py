@@ -51,16 +51,20 @@ WORDS = ("a an the of on in with and two three man woman dog cat bird car tree s
 
 # --- the synthetic file ---------------------------------------------------------------------------------------
 
-def write_annotations(path, pairs, seed=0):
+def write_annotations(path, pairs, seed=0, shuffled=False):
     """A JSON list of ``pairs`` records, one caption per image (as CC3M / LAION): image "dddd/dddddddd.jpg",
-    a caption of 8-14 words, an integer image_id."""
+    a caption of 8-14 words, an integer image_id; in the order of the ids (as img2dataset writes them), or in a
+    random order (``shuffled``)."""
+    import numpy as np
+
     rng = random.Random(seed)
     tmp = path + ".part"
+    order = np.random.default_rng(seed).permutation(pairs) if shuffled else range(pairs)
     with open(tmp, "w") as f:
         f.write("[")
-        for i in range(pairs):
+        for n, i in enumerate(int(i) for i in order):
             caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14)))
-            f.write(("," if i else "") + json.dumps({"image": f"{i // 1000:04d}/{i:08d}.jpg", "caption": caption,
+            f.write(("," if n else "") + json.dumps({"image": f"{i // 1000:04d}/{i:08d}.jpg", "caption": caption,
                                                      "image_id": i}))
         f.write("]\n")
     os.replace(tmp, path)
@@ -246,7 +250,7 @@ def table(sizes, args):
     mb = lambda b: f"{b / R.MB:,.0f}"  # noqa: E731
     headers = ["pairs", "dataset", "start s", "rank PSS MB", "rank private MB", "rank peak RSS MB",
                "rank peak anon MB (start)", "worker PSS MB", "worker private MB",
-               f"total PSS MB ({args.ranks} ranks + {args.ranks * args.workers} workers)", "above baseline MB",
+               f"total PSS MB ({args.ranks} rank(s) + {args.ranks * args.workers} workers)", "above baseline MB",
                "epoch s"]
     rows = []
     for pairs, results in sizes.items():
@@ -280,12 +284,12 @@ NOTES = [
 ]
 
 
-def annotation_file(workdir, pairs):
+def annotation_file(workdir, pairs, shuffled=False):
     """The synthetic annotation file of ``pairs`` pairs in ``workdir``, written unless it is there (kept for reruns)."""
-    path = os.path.join(workdir, f"captions_{pairs}.json")
+    path = os.path.join(workdir, f"captions_{'shuffled_' if shuffled else ''}{pairs}.json")
     if not os.path.isfile(path):
         start = time.perf_counter()
-        write_annotations(path, pairs)
+        write_annotations(path, pairs, shuffled=shuffled)
         print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
     return path
 
@@ -311,7 +315,7 @@ def lavis_not_measured(pairs, sizes, args):
         lv, base = results["lavis"]["summary"], results["baseline"]["summary"]
         per_pair = (lv["total_pss"] - base["total_pss"]) / p
         why += (f" At {p:,} pairs its annotations held {per_pair:,.0f} bytes per pair above the baseline (total PSS "
-                f"of {args.ranks} ranks + {args.ranks * args.workers} workers): about "
+                f"of {args.ranks} rank(s) + {args.ranks * args.workers} workers): about "
                 f"{per_pair * pairs / 2 ** 30:,.0f} GiB at {pairs:,}, more than this machine's memory.")
     return why
 
@@ -349,6 +353,8 @@ def main(argv=None):
                              "the median")
     parser.add_argument("--lavis-max-pairs", type=int, default=10_000_000,
                         help="LAVIS's variant is not run above this size (a list of dicts per rank, a copy per worker)")
+    parser.add_argument("--shuffled", action="store_true",
+                        help="records in a random order (default: in the order of their ids, as img2dataset writes them)")
     parser.add_argument("--workdir", default=None, help="where the annotation files are written (kept for reruns)")
     parser.add_argument("--results-dir", default=C.RESULTS_DIR)
     parser.add_argument("--tag", default="")
@@ -371,7 +377,7 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     sizes, files, notes = {}, {}, list(NOTES)
     for pairs in [int(p) for p in args.pairs.split(",")]:
-        files[pairs] = annotation_file(workdir, pairs)
+        files[pairs] = annotation_file(workdir, pairs, args.shuffled)
         sizes[pairs] = {}
         for variant in variants:
             if variant == "lavis" and pairs > args.lavis_max_pairs:
@@ -387,8 +393,9 @@ def main(argv=None):
                   f"{s['rank_pss'] / R.MB:,.0f} MB, worker PSS {s['worker_pss'] / R.MB:,.0f} MB, total PSS "
                   f"{s['total_pss'] / R.MB:,.0f} MB", flush=True)
     machine = R.machine_info("cpu")
+    order = "records in random order" if args.shuffled else "records in id order"
     sizes_line = (", ".join(f"{p:,} pairs ({os.path.getsize(f) / R.MB:,.0f} MB JSON list)" for p, f in files.items())
-                  + f", {args.ranks} ranks x {args.workers} workers, gloo, fork")
+                  + f", {order}, {args.ranks} rank(s) x {args.workers} worker(s), gloo, fork")
     all_ratios = {pairs: ratios(results) for pairs, results in sizes.items()}
     for pairs, found in all_ratios.items():
         if found:
