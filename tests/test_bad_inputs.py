@@ -426,6 +426,10 @@ BAD_RUNS = {
                                                                    _corrupt_image(t, d)), lambda d: [],
                          ["1 of the 64 images of datasets.local_caption train cannot be read",
                           "max_bad_images: 1 to skip"]),
+    "cache_dir_not_a_folder": ("train", lambda t, te, s1, d: stage2_config(t, te["opt"], "out"),
+                               lambda d: ["datasets.local_caption.build_info.cache_dir=3"],
+                               ["(configuration)", "datasets.local_caption.build_info.cache_dir must be a folder, "
+                                "auto or false, got 3"]),
     "max_bad_images_not_a_count": ("train", lambda t, te, s1, d: stage2_config(t, te["opt"], "out"),
                                    lambda d: ["datasets.local_caption.build_info.max_bad_images=3,"],
                                    ["max_bad_images must be an integer >= 0, got '3,'"]),
