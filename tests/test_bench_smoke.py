@@ -114,7 +114,8 @@ def test_bench_annotations_memory(tmp_path):
     skipped = bench_annotations_memory.main(["--pairs", "2000", "--variants", "lavis", "--lavis-max-pairs", "1000",
                                              "--workdir", str(tmp_path), "--results-dir", str(tmp_path)])
     assert skipped["results"] == [] and skipped["ratios"] == {2000: {}}
-    assert "LAVIS at 2,000 pairs: not measured" in open(os.path.join(tmp_path, "bench_annotations_memory_cpu.md")).read()
+    report = open(os.path.join(tmp_path, "bench_annotations_memory_cpu.md")).read()
+    assert "LAVIS at 2,000 pairs: not measured" in report
 
 
 def test_bench_sentence_corpus_start(tmp_path):
