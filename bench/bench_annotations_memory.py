@@ -17,7 +17,8 @@ alive, each rank reads ``/proc/<pid>/smaps_rollup`` and ``/proc/<pid>/status`` o
 
 A baseline process (the same imports, no dataset) is measured the same way, so the table also shows what the
 annotations add. LAVIS's variant is not run above ``--lavis-max-pairs`` (a list of dicts per rank and a copy per
-worker; the notes extrapolate its peak from a smaller size of the same run). Results: ``bench/results/bench_annotations_memory_cpu.{json,md}``.
+worker; the notes extrapolate its peak from a smaller size of the same run). Results:
+``bench/results/bench_annotations_memory_cpu.{json,md}``.
 
     python bench/bench_annotations_memory.py                        # 4M pairs, 2 ranks x 2 workers
     python bench/bench_annotations_memory.py --pairs 4000000,40000000
@@ -209,7 +210,8 @@ def run_variant(variant, args, pairs, path, workdir, start_only=False):
         shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port",
            str(_free_port()), os.path.abspath(__file__), "--rank-process", "--variant", variant, "--file", path,
-           "--workers", str(args.workers), "--pairs", str(pairs), "--out", out] + (["--start-only"] if start_only else [])
+           "--workers", str(args.workers), "--pairs", str(pairs), "--out", out]
+    cmd += ["--start-only"] if start_only else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=C.REPO, LAVIS_PFORMER_CACHE=cache)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -290,7 +292,8 @@ def annotation_file(workdir, pairs, shuffled=False):
     if not os.path.isfile(path):
         start = time.perf_counter()
         write_annotations(path, pairs, shuffled=shuffled)
-        print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"wrote {path} ({os.path.getsize(path) / R.MB:,.0f} MB) in {time.perf_counter() - start:.0f} s",
+              flush=True)
     return path
 
 
@@ -354,7 +357,8 @@ def main(argv=None):
     parser.add_argument("--lavis-max-pairs", type=int, default=10_000_000,
                         help="LAVIS's variant is not run above this size (a list of dicts per rank, a copy per worker)")
     parser.add_argument("--shuffled", action="store_true",
-                        help="records in a random order (default: in the order of their ids, as img2dataset writes them)")
+                        help="records in a random order (default: in the order of their ids, as img2dataset writes "
+                             "them)")
     parser.add_argument("--workdir", default=None, help="where the annotation files are written (kept for reruns)")
     parser.add_argument("--results-dir", default=C.RESULTS_DIR)
     parser.add_argument("--tag", default="")
@@ -401,8 +405,9 @@ def main(argv=None):
         if found:
             notes.append(f"{pairs:,} pairs, lavis_pformer / LAVIS: " + ", ".join(f"{k} {v:.3f}x" for k, v in
                                                                              found.items()))
-    payload = dict(machine=machine, sizes_line=sizes_line, args={k: v for k, v in vars(args).items()
-                                                                 if k not in ("rank_process", "variant", "file", "out")},
+    hidden = ("rank_process", "variant", "file", "out", "start_only")
+    recorded = {k: v for k, v in vars(args).items() if k not in hidden}
+    payload = dict(machine=machine, sizes_line=sizes_line, args=recorded,
                    argv=argv, annotation_file_bytes={p: os.path.getsize(f) for p, f in files.items()},
                    ratios=all_ratios, results=[r for results in sizes.values() for r in results.values()])
     R.publish(SCRIPT, args, machine, sizes_line, table(sizes, args), notes, payload)

@@ -84,8 +84,8 @@ def _line_of(first, lines):
     return lambda j: first + [k for k, line in enumerate(lines) if line.strip()][j]
 
 
-def check_record(path, index, record):
-    """The DataError of the first problem of a decoded record (the keys, the image path, the caption), if any."""
+def _check_record(path, index, record):
+    """Raise the DataError of the first problem of a decoded record (its keys, image path, caption), if any."""
     missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
     if missing:
         raise DataError(f"{WHAT} {path}, entry {index}: missing {missing} (each entry needs {list(REQUIRED)}). Fix "
@@ -105,7 +105,7 @@ def _raise_first_error(path, index, items, records, line_of):
             raise DataError(f"{WHAT} {path}, line {line_of(j)}: not valid JSON ({error}). Fix or regenerate the "
                             "file.")
         raise invalid_json(WHAT, path, f"entry {index + j}: {error}")
-    check_record(path, index + j, msgspec.json.decode(items[j]))
+    _check_record(path, index + j, msgspec.json.decode(items[j]))
     raise DataError(f"{WHAT} {path}, entry {index + j}: {error}. Fix the entry or regenerate the file.")
 
 
