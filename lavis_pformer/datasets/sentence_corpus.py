@@ -22,8 +22,10 @@ entry of that kind, a line that is not UTF-8) are errors unless ``build_info.max
 Each file is parsed once (msgspec, :mod:`~lavis_pformer.datasets.json_batches`) into a cache file of Arrow
 columns (:mod:`~lavis_pformer.datasets.arrow_cache`, ``build_info.cache_dir``): the stripped UTF-8 sentences with
 one int32 offset each, and for JSON lines the question and answer. Every later start (the other ranks, resumes)
-maps that file instead of parsing again: 12M lines of text took 14 s to index per rank per start, 90 s as JSON
-lines, on this project's loaded 2-core machine. The mapped pages are shared by all the processes of a machine (one
+maps that file instead of parsing again. Why: a line-by-line index of 12M lines (the offsets this corpus kept
+before, in every rank at every start) took 5.9 s as text and 59 s as JSON lines; the first start with the cache
+takes 10.2 s and 36.6 s (it writes the cache file), every later one under 0.01 s
+(``bench/bench_sentence_corpus_start.py``). The mapped pages are shared by all the processes of a machine (one
 copy, not one per rank), hold no Python object per sentence, and a spawned DataLoader worker maps the file again
 from its path. A cache file built under a larger ``max_bad_lines`` than the present one is rebuilt (so the error
 names the bad record).
@@ -165,9 +167,9 @@ class _Columns:
         return columns
 
 
-def _text_batches(path, tally, columns):
-    """The lines of a text file, stripped (Arrow's whitespace trim strips what ``str.strip`` does), blank ones
-    counted; a chunk that is not UTF-8 is read line by line to name (and count) its bad lines."""
+def _add_text_lines(path, tally, columns):
+    """Add the lines of a text file to ``columns``, stripped (Arrow's whitespace trim strips what ``str.strip``
+    does), blank ones counted; a chunk that is not UTF-8 is read line by line to name (and count) its bad lines."""
     for first, chunk in line_chunks(path):
         newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
         starts = np.concatenate([[0], newlines + 1, [len(chunk)]]).astype(np.int64)  # a line ends with its \n
@@ -188,7 +190,7 @@ def _text_batches(path, tally, columns):
         columns.add(kept)
 
 
-def _json_batches(path, fmt, tally, columns):
+def _json_batches(path, fmt, tally):
     """The records of a JSON-lines file or JSON list: (where of each record, raw records) batch by batch."""
     if fmt == "jsonl":
         for first, lines in line_batches(path):
@@ -229,9 +231,9 @@ def _parse(path, fmt, max_bad_lines, spool):
     tally = _Tally(path, max_bad_lines)
     columns = _Columns(spool, qa=fmt == "jsonl")
     if fmt == "txt":
-        _text_batches(path, tally, columns)
+        _add_text_lines(path, tally, columns)
     else:
-        for items in _json_batches(path, fmt, tally, columns):
+        for items in _json_batches(path, fmt, tally):
             _add_json_records(items, tally, columns)
     tally.finish(columns.text.rows)
     return columns.finish(), {"blank": tally.blank, "bad": tally.bad}
