@@ -48,13 +48,13 @@ class Blip2OPTPFormer(PFormerAlignmentMixin, Stage2Mixin, FrozenOPTMixin, Lemmat
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="fp16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, apply_lemmatizer=False,
-                 for_training=False, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+                 for_training=False, lm_weight=1.0, cross_attention_freq=2, teacher_precision="fp32", **lavis_kwargs):
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(**lavis_kwargs)
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
         self.setup_stage2(lavis_kwargs.get("opt_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
-                          pformer_checkpoint, for_training, lm_weight)
+                          pformer_checkpoint, for_training, lm_weight, teacher_precision)
 
     @torch.no_grad()
     def predict_answers(self, samples, num_beams=5, inference_method="generate", max_len=10, min_len=1,

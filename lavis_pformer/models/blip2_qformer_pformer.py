@@ -37,12 +37,13 @@ class Blip2QformerPFormer(PFormerAlignmentMixin, BackboneMixin, Blip2Qformer):
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT,
                  pformer_checkpoint=None, llm_hidden_size=None, llm_name=None, for_training=False,
-                 cross_attention_freq=2, **lavis_kwargs):
+                 cross_attention_freq=2, teacher_precision="fp32", **lavis_kwargs):
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         super().__init__(cross_attention_freq=cross_attention_freq, **lavis_kwargs)
         teacher = self.setup_alignment(
             alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
             llm_hidden_size=llm_hidden_size, llm_name=llm_name, for_training=for_training,
+            teacher_precision=teacher_precision,
         )
         width = teacher.llm_hidden_size if teacher is not None else llm_hidden_size
         self.llm_proj = None

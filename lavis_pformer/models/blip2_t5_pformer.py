@@ -52,13 +52,13 @@ class Blip2T5PFormer(PFormerAlignmentMixin, Stage2Mixin, LemmatizerMixin, Backbo
 
     def __init__(self, bert_model="bert-base-uncased", vit_config=None, llm_precision="bf16",
                  alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
-                 split_seed=0, lm_weight=1.0, cross_attention_freq=2, **lavis_kwargs):
+                 split_seed=0, lm_weight=1.0, cross_attention_freq=2, teacher_precision="fp32", **lavis_kwargs):
         self.set_backbones(bert_model=bert_model, vit_config=vit_config, cross_attention_freq=cross_attention_freq)
         with sentencepiece_conversion_errors():
             super().__init__(**lavis_kwargs)  # casts T5 to bf16
         self.rng = random.Random(split_seed)
         self.setup_stage2(lavis_kwargs.get("t5_model", self.DEFAULT_LLM), llm_precision, alignment_weight,
-                          pformer_checkpoint, for_training, lm_weight)
+                          pformer_checkpoint, for_training, lm_weight, teacher_precision)
 
     def prepare_lavis_samples(self, samples):
         """Split each caption into ``text_input`` (prefix) / ``text_output`` (suffix) unless given.

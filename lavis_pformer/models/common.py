@@ -62,5 +62,6 @@ def plugin_kwargs(cls, cfg, for_training):
         cross_attention_freq=as_int(cfg, "cross_attention_freq", 2, minimum=1),
         alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
         pformer_checkpoint=checkpoint,
+        teacher_precision=cfg.get("teacher_precision", "fp32"),
         for_training=bool(for_training),
     )

@@ -42,7 +42,8 @@ class Stage2Mixin:
     # None when it is the prompt's own context (Blip2OPT), bfloat16 for Blip2T5 (inside maybe_autocast(bf16)).
     CONCAT_AUTOCAST_DTYPE = None
 
-    def setup_stage2(self, llm_name, llm_precision, alignment_weight, pformer_checkpoint, for_training, lm_weight):
+    def setup_stage2(self, llm_name, llm_precision, alignment_weight, pformer_checkpoint, for_training, lm_weight,
+                     teacher_precision="fp32"):
         """After LAVIS's constructor: the frozen LLM cast to ``llm_precision`` and left out of checkpoints, the
         alignment to the P-Former, ``lm_weight`` and the prompt's dtype."""
         self._llm_name = llm_name
@@ -52,6 +53,7 @@ class Stage2Mixin:
         self.setup_alignment(
             alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
             llm_hidden_size=llm.config.hidden_size, llm_name=llm_name, for_training=for_training,
+            teacher_precision=teacher_precision,
         )
         self.setup_lm_weight(lm_weight)
         self.setup_prompt_dtype()

@@ -123,12 +123,13 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
     VISION_WIDTH_KEY = "model.feat_dim"
 
     def __init__(self, alignment_weight=DEFAULT_ALIGNMENT_WEIGHT, pformer_checkpoint=None, for_training=False,
-                 **video_kwargs):
+                 teacher_precision="fp32", **video_kwargs):
         super().__init__(**video_kwargs)
         self.setup_alignment(
             alignment_weight, pformer_checkpoint, num_query_token=self.query_tokens.shape[1],
             llm_hidden_size=self.opt_model.config.hidden_size,
             llm_name=video_kwargs.get("opt_model", "facebook/opt-2.7b"), for_training=for_training,
+            teacher_precision=teacher_precision,
         )
         if self.lm_weight == 0 and self.alignment_weight == 0:
             raise ConfigError("model.lm_weight and model.alignment_weight are both 0: nothing to train; set "
@@ -172,6 +173,7 @@ class VideoOPTPFormer(PFormerAlignmentMixin, VideoOPT):
                 lm_weight=as_float(cfg, "lm_weight", 1.0, minimum=0),
                 alignment_weight=as_float(cfg, "alignment_weight", cls.DEFAULT_ALIGNMENT_WEIGHT, minimum=0),
                 pformer_checkpoint=optional_str(cfg, "pformer_checkpoint"),
+                teacher_precision=cfg.get("teacher_precision", "fp32"),
                 for_training=bool(for_training),
             )
         model.load_checkpoint_from_config(cfg)
