@@ -138,6 +138,9 @@ def _start_distributed(run_cfg):
             "gloo", init_method="env://", rank=run_cfg.rank, world_size=run_cfg.world_size,
             timeout=datetime.timedelta(minutes=int(run_cfg.get("dist_timeout_min", 30))),
         )
+        # As LAVIS's nccl start: no rank goes on before every rank has connected (a rank that stops at once, e.g.
+        # on an input error, would otherwise close its connections while another is still setting up its own).
+        dist.barrier()
         setup_for_distributed(run_cfg.rank == 0)
     else:
         run_cfg.distributed = False
