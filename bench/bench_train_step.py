@@ -51,10 +51,9 @@ def measure_pair(stage, ours, stock, samples, precision, args):
 
     times = M.time_interleaved({"ours": step_ours, "stock": step_stock, "teacher": teacher_forward},
                                args.repeats, args.warmup, args.device)
-    peaks = {"ours": M.peak_memory(step_ours, args.device, before=lambda: step_ours.optimizer.zero_grad(set_to_none=True)),
-             "stock": M.peak_memory(step_stock, args.device,
-                                    before=lambda: step_stock.optimizer.zero_grad(set_to_none=True)),
-             "teacher": M.peak_memory(teacher_forward, args.device)}
+    peaks = {key: M.peak_memory(step, args.device, before=lambda s=step: s.optimizer.zero_grad(set_to_none=True))
+             for key, step in (("ours", step_ours), ("stock", step_stock))}
+    peaks["teacher"] = M.peak_memory(teacher_forward, args.device)
     spec = TP.STAGES[stage]
     result = dict(stage=spec["name"], ours_model=spec["ours"], lavis_class=spec["lavis"], precision=precision,
                   llm_precision=TP.llm_precision(stage, precision),
