@@ -9,6 +9,7 @@ whenever a piece of it is measured, so that what is done survives a crash or the
    process; the P-Former teacher compared in fp16 / fp32 / bf16.
 4. ``benchmarks``: ``bench_inference`` and ``bench_vq`` with their GPU defaults.
 """
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -16,9 +17,6 @@ import subprocess
 
 import torch
 
-import bench_inference
-import bench_train_step
-import bench_vq
 from common import REPO
 
 # bench_train_step at the paper's sizes on one GPU (the paper's per-GPU batch), and its CPU twin for --dry-run.
@@ -38,20 +36,29 @@ VQ = {False: ["--device", "cuda", "--repeats", "5", "--warmup", "1"],
 
 def _command(cmd):
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO).stdout.strip() or None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def environment(out, dry_run, time_limit, save):
-    import lavis
-    import transformers
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
+
+def _nccl_version():
+    version = torch.cuda.nccl.version()  # a tuple (major, minor, patch); an int in older torch
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def environment(out, dry_run, time_limit, save):
     cuda = torch.cuda.is_available()
     info = dict(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
-                transformers=transformers.__version__, lavis=getattr(lavis, "__version__", None),
+                transformers=_version("transformers"), lavis=_version("salesforce-lavis"),
                 cuda_available=cuda, gpu_count=torch.cuda.device_count() if cuda else 0,
-                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                nccl=_nccl_version() if cuda else None,
                 cudnn=torch.backends.cudnn.version() if cuda else None, java=shutil.which("java") is not None,
                 git=_command(["git", "describe", "--always", "--dirty"]),
                 nvidia_smi=_command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
@@ -92,6 +99,8 @@ def _steps_summary(payload):
 
 
 def steps(out, dry_run, time_limit, save):
+    import bench_train_step  # here, not at the top: the environment part imports only torch
+
     argv = (STEPS_CPU if dry_run else STEPS_GPU) + ["--results-dir", os.path.join(out, "steps"), "--keep-going"]
     save(dict(argv=argv, rows=[]))
     payload = bench_train_step.main(argv, on_result=lambda p: save(dict(argv=argv, **_steps_summary(p))))
@@ -101,6 +110,9 @@ def steps(out, dry_run, time_limit, save):
 
 
 def benchmarks(out, dry_run, time_limit, save):
+    import bench_inference
+    import bench_vq
+
     result = {}
     for name, script, argv in (("inference", bench_inference, INFERENCE[dry_run]), ("vq", bench_vq, VQ[dry_run])):
         argv = argv + ["--results-dir", os.path.join(out, "bench")]
