@@ -35,7 +35,8 @@ def teacher(tiny, tmp_path_factory):
 def model_cfg(tiny, teacher, arch="blip2_opt_pformer", **overrides):
     cfg = dict(arch=arch, bert_model=tiny["bert"], vit_model="custom_vit", vit_config=SIZES["vit"], image_size=32,
                vit_precision="fp32", llm_precision="fp32", num_query_token=4, max_txt_len=24, load_pretrained=False,
-               pformer_checkpoint=teacher, **overrides)
+               pformer_checkpoint=teacher)
+    cfg.update(overrides)
     if arch == "blip2_opt_pformer":
         cfg["opt_model"] = tiny["opt"]
     return OmegaConf.create(cfg)
@@ -76,6 +77,15 @@ def test_half_teacher_halves_its_bytes_and_keeps_loss_align_and_its_gradient(tin
     assert (grad - grad32).norm() / grad32.norm() < 0.02
     # the rest of the model is untouched: the trainable side and the other frozen parts keep their dtypes
     assert getattr(half, PROJ[arch]).weight.dtype == torch.float32 and half.query_tokens.dtype == torch.float32
+
+
+def test_half_teacher_leaves_fp32_backbones_out_of_autocast_on_the_cpu(tiny, teacher):
+    """LAVIS's maybe_autocast sections run under CPU autocast only when a backbone (ViT, LLM) is in half precision;
+    the teacher's own precision does not count (it would run the fp32 ViT and LLM in fp16)."""
+    for llm_precision, expected in (("fp32", False), ("fp16", True)):
+        model = build(tiny, teacher, teacher_precision="bf16", llm_precision=llm_precision)
+        with model.maybe_autocast():
+            assert torch.is_autocast_enabled("cpu") is expected, llm_precision
 
 
 def test_half_teacher_stays_out_of_checkpoints_and_its_file_stays_fp32(tiny, teacher, tmp_path):

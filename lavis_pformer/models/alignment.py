@@ -83,6 +83,9 @@ class PFormerAlignmentMixin(StageCheckpointMixin):
 
     # Paper defaults (docs/method.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.
     DEFAULT_ALIGNMENT_WEIGHT = None
+    # The teacher runs in model.teacher_precision under its own autocast: a half teacher must not make
+    # BackboneMixin.maybe_autocast run fp32 backbones under CPU autocast.
+    OWN_PRECISION = (TEACHER + ".",)
 
     def setup_alignment(self, alignment_weight, pformer_checkpoint, num_query_token, llm_hidden_size=None,
                         llm_name=None, for_training=False, teacher_precision="fp32"):
