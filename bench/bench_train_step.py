@@ -57,7 +57,7 @@ def measure_pair(stage, ours, stock, samples, precision, args):
     spec = TP.STAGES[stage]
     result = dict(stage=spec["name"], ours_model=spec["ours"], lavis_class=spec["lavis"], precision=precision,
                   llm_precision=TP.llm_precision(stage, precision),
-                  teacher_precision=str(next(ours.pformer_teacher.parameters()).dtype).replace("torch.", ""),
+                  teacher_precision=TP.precision_name(next(ours.pformer_teacher.parameters()).dtype),
                   alignment_weight=spec["weight"], stock_note=stock_note, times_s=times,
                   memory_method=M.MEMORY_METHOD[C.device_tag(args.device)])
     for key, model, step in (("ours", ours, step_ours), ("stock", stock, step_stock)):
@@ -93,8 +93,8 @@ def bench_stage(stage, sizes, teacher, args, on_result):
         samples = dict(samples, text_input=[" ".join(w[: len(w) // 2]) for w in words],
                        text_output=[" ".join(w[len(w) // 2:]) for w in words])
     for i, precision in enumerate(args.precisions):
-        TP.set_llm_precision(ours, stage, precision)
         try:
+            TP.set_llm_precision(ours, stage, precision)
             result, step_ours = measure_pair(stage, ours, stock, samples, precision, args)
             result["extra_trainable"] = extra_trainable
             if i == 0 and len(args.teacher_precisions) > 1:
@@ -105,14 +105,18 @@ def bench_stage(stage, sizes, teacher, args, on_result):
         except Exception as e:  # noqa: BLE001  (one failing precision must not cost the others' results)
             if not args.keep_going:
                 raise
-            result = dict(stage=TP.STAGES[stage]["name"], precision=precision, error=f"{type(e).__name__}: {e}")
-            print(f"{result['stage']} {precision}: FAILED {result['error'][:300]}", flush=True)
+            result = failure(stage, precision, e)
         on_result(result)
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    del ours, stock
-    gc.collect()
+
+
+def failure(stage, precision, error):
+    """The result of a measurement that failed (``--keep-going``)."""
+    result = dict(stage=TP.STAGES[stage]["name"], precision=precision, error=f"{type(error).__name__}: {error}")
+    print(f"{result['stage']} {precision}: FAILED {result['error'][:300]}", flush=True)
+    return result
 
 
 def table(results):
@@ -194,8 +198,14 @@ def parse_args(argv):
                              "default of the device, fp16 on cuda, fp32 on cpu)")
     parser.add_argument("--keep-going", action="store_true",
                         help="a step precision that fails is recorded and the others still run")
+    parser.add_argument("--frozen-in-files", action="store_true",
+                        help="CPU, stages 1 and 2 (OPT): keep the frozen ViT and LLM in files mapped into memory "
+                             "(page cache, not process memory), so that the paper sizes fit a small machine; the "
+                             "measured bytes are the same")
     args = C.finish_args(parser.parse_args(argv))
     args.stages = split_choices(args.stages, TP.STAGES, "--stages")
+    if args.frozen_in_files and (args.device != "cpu" or "2t5" in args.stages):
+        raise SystemExit("--frozen-in-files: CPU runs of stages 1 and 2 only (LAVIS's Blip2T5 copies its T5 to bf16)")
     args.precisions = split_choices(args.precisions or ("fp16" if args.amp else "fp32"), TP.STEP_PRECISIONS,
                                     "--precisions")
     default_teacher = TEACHER_PRECISION_BY_DEVICE[C.device_tag(args.device)]
@@ -226,10 +236,19 @@ def run_stages(args, on_result):
                 teachers["2t5"] = MF.make_teacher(sizes, work, llm_name=sizes["t5"],
                                                  llm_hidden_size=sizes["t5_hidden_size"], filename="pformer_t5.pth")
             init_device = args.device if args.size == "paper" else "cpu"
-            with BS.random_init_backbones(init_device) as shared_llms:
+            files_dir = os.path.join(work, "frozen") if args.frozen_in_files else None
+            with BS.random_init_backbones(init_device, files_dir) as shared_llms:
                 for stage in stages:
-                    bench_stage(stage, sizes, teachers[stage], args, on_result)
+                    try:
+                        bench_stage(stage, sizes, teachers[stage], args, on_result)
+                    except Exception as e:  # noqa: BLE001  (e.g. out of memory while building the pair)
+                        if not args.keep_going:
+                            raise
+                        on_result(failure(stage, "/".join(args.precisions), e))
                     shared_llms.clear()  # free the frozen LLM before the next stage
+                    gc.collect()
+                    if args.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
     finally:
         if created_group:
             import torch.distributed as dist

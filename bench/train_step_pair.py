@@ -34,6 +34,10 @@ STEP_PRECISIONS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def precision_name(dtype):
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
 def build_pair(stage, sizes, teacher, teacher_precision="fp32"):
     """(plugin model with teacher, stock LAVIS model with the same weights, extra trainable names), on CPU."""
     spec = STAGES[stage]
