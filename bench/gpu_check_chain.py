@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import torch
 
@@ -148,12 +149,18 @@ class Chain:
         record["rng_sidecar_cuda_state"] = rng["ranks"][0]["cuda"] is not None
 
     def all(self, java):
-        for stage in (0, 1, 2):
-            if not self.train(stage):
-                return
-        self.evaluate("vqa", java)
-        self.evaluate("caption", java)
-        self.resume()
+        """The chain's runs in order; a training run that fails ends the chain (the next one needs its output)."""
+        try:
+            for stage in (0, 1, 2):
+                if not self.train(stage):
+                    return
+            self.evaluate("vqa", java)
+            self.evaluate("caption", java)
+            self.resume()
+        except Exception:  # noqa: BLE001  (reading a run's outputs failed: recorded as a failure of the chain)
+            self.runs.append(dict(name=f"{self.llm}: reading the runs' outputs", command="", exit_status="error",
+                                  seconds=None, output_tail=traceback.format_exc().splitlines()[-15:]))
+            self.on_run()
 
 
 def run(out, dry_run, time_limit, save):
@@ -193,7 +200,7 @@ def run(out, dry_run, time_limit, save):
     for thread in threads:
         thread.join()
     on_run()
-    result["missing_runs"] = RUNS_PER_CHAIN * len(chains) - len(result["runs"])  # not run after a failure
+    result["missing_runs"] = max(0, RUNS_PER_CHAIN * len(chains) - len(result["runs"]))  # not run after a failure
     result["checkpoints"] = sorted(os.path.relpath(p, workdir) for p in glob.glob(
         os.path.join(workdir, "output", "tiny", "stage2_*", "*", "checkpoint_*.pth")))
     return result
