@@ -97,8 +97,8 @@ def end_distributed(wait_for_others=True):
     LAVIS never destroys its process group, so each rank exited with the group alive: the backend's worker
     threads could then still hold the last references to the tensors of the last collectives, and when such a
     thread dropped them while the interpreter was already finalizing, taking the GIL killed the process with
-    SIGABRT, after a run that had succeeded (a PyTorch behaviour, pytorch/pytorch#190489; rare: the thread has to
-    drop them at that very moment, more likely on a loaded machine).
+    SIGABRT, after a run that had succeeded (a PyTorch behaviour described in pytorch/pytorch#179291, whose atexit
+    fix was not merged; rare: the thread has to drop them at that very moment, more likely on a loaded machine).
     ``destroy_process_group`` joins those threads while the process is whole. Every rank first waits for the
     others (``wait_for_others``: after a finished run; never after an error, when some rank may not come), so that
     no rank takes the group down while another still uses it.
