@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY := output/tiny
 
-.PHONY: install test demo demo-backbones tiny-chain tiny-shards ablation paper tiny clean
+.PHONY: install test demo demo-backbones tiny-chain tiny-shards ablation paper tiny gpu-check clean
 
 install: $(STAMP)
 
@@ -60,6 +60,14 @@ ablation: install
 PAPER_ARGS ?=
 paper: install
 	$(PY) -m lavis_pformer.demo.paper --out output/paper $(PAPER_ARGS)
+
+# The first GPU run in one command (docs/cluster.md): environment, the tiny chain under torchrun + nccl + amp with a
+# resume, the paper-size training steps (fp16 + GradScaler, bf16) next to stock LAVIS, the inference and VQ
+# benchmarks; each part under its own time limit, about 8 minutes on one H200. Results: $(GPU_CHECK_OUT)/gpu_check.md
+# and .json. On a CPU: `$(PY) bench/gpu_check.py --dry-run --out /tmp/gpu-check` checks the script itself.
+GPU_CHECK_OUT ?= output/gpu-check
+gpu-check: install
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf output

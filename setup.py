@@ -22,6 +22,9 @@ setup(
         # transformers 4.26's sentencepiece conversion (T5 without tokenizer.json) needs protobuf 3.
         "protobuf<4",
         "tokenizers",
+        # annotation files: decoded by msgspec, cached as memory-mapped Arrow IPC files
+        "msgspec>=0.18",
+        "pyarrow>=12",
     ],
     extras_require={"test": ["pytest"]},
 )

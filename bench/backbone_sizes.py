@@ -14,6 +14,7 @@ Sizes (``--size``):
   built once and shared).
 """
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -187,19 +188,62 @@ def _seeded(key, device):
     return rng
 
 
+def keep_in_files(module, directory):
+    """Move ``module``'s parameters and buffers into files under ``directory``, mapped into memory (shared):
+    their bytes then live in the page cache, which the kernel writes back and drops when memory is short, not
+    in the process's own memory. Shapes, dtypes and byte counts are unchanged; tied tensors stay tied; a module
+    built on the meta device gets zero-filled tensors (initialise them afterwards)."""
+    os.makedirs(directory, exist_ok=True)
+    moved = {}  # id of the old tensor -> (old tensor, kept alive so that no id is reused meanwhile; new tensor)
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in moved:
+                    path = os.path.join(directory, f"{len(moved)}.bin")
+                    mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
+                    mapped = mapped.view(tensor.shape)
+                    if tensor.device.type != "meta":
+                        mapped.copy_(tensor.detach())
+                    if isinstance(tensor, torch.nn.Parameter):
+                        mapped = torch.nn.Parameter(mapped, requires_grad=tensor.requires_grad)
+                    moved[id(tensor)] = (tensor, mapped)
+                table[name] = moved[id(tensor)][1]
+    return module
+
+
+def _llm_in_files(cls, config, directory):
+    """A frozen LLM built on the meta device, its tensors in files (``keep_in_files``), then initialised as
+    ``from_pretrained`` of a config would: each layer's own reset, the model's ``_init_weights``, tied weights."""
+    with torch.device("meta"):
+        model = cls(config)
+    keep_in_files(model, directory)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    model.apply(model._init_weights)
+    model.tie_weights()
+    return model
+
+
 @contextlib.contextmanager
-def random_init_backbones(init_device="cpu"):
+def random_init_backbones(init_device="cpu", files_dir=None):
     """While active, ``from_pretrained(<config-only dir>)`` builds the model from its config (random init,
     seeded by the path) on ``init_device``; frozen LLMs (OPT, T5) are built once per directory and shared.
     ``custom_vit`` is built on ``init_device`` too, seeded by its config (so every model gets the same ViT).
-    Directories with weights load normally."""
+    Directories with weights load normally.
+
+    ``files_dir`` (CPU): the frozen LLMs and ViT keep their tensors in files there (``keep_in_files``), so that
+    the paper sizes fit a machine with little memory; the LLM is then built in fp32, whatever dtype
+    ``from_pretrained`` is asked for (a cast would copy it back into memory)."""
     from transformers.modeling_utils import PreTrainedModel
 
     import lavis_pformer.backbones as backbones
 
     original = PreTrainedModel.__dict__["from_pretrained"]
     original_vit = backbones.custom_vit
-    shared = {}
+    shared, in_files = {}, itertools.count()  # in_files: a new folder for each module kept in files
 
     def from_pretrained(cls, path, *args, **kwargs):
         if not _is_random_init_dir(path):
@@ -213,8 +257,12 @@ def random_init_backbones(init_device="cpu"):
             return shared[key]
         rng = _seeded(key, init_device)
         try:
-            with torch.device(init_device):
-                model = cls(config, **model_kwargs)
+            if frozen and files_dir:
+                model = _llm_in_files(cls, config, os.path.join(files_dir, f"llm{next(in_files)}"))
+                dtype = None
+            else:
+                with torch.device(init_device):
+                    model = cls(config, **model_kwargs)
         finally:
             rng.__exit__(None, None, None)
         if dtype is not None:
@@ -228,9 +276,12 @@ def random_init_backbones(init_device="cpu"):
         rng = _seeded(("vit", img_size, sorted((vit_config or {}).items())), init_device)
         try:
             with torch.device(init_device):
-                return original_vit(img_size, vit_config, *args, **kwargs)
+                vit = original_vit(img_size, vit_config, *args, **kwargs)
         finally:
             rng.__exit__(None, None, None)
+        if files_dir:
+            keep_in_files(vit, os.path.join(files_dir, f"vit{next(in_files)}"))
+        return vit
 
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     backbones.custom_vit = custom_vit

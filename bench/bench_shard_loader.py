@@ -26,7 +26,7 @@ import backbone_sizes as BS  # noqa: E402
 import measure as M  # noqa: E402
 import model_factories as MF  # noqa: E402
 import reporting as R  # noqa: E402
-from bench_train_step import make_step  # noqa: E402
+from train_step_pair import TrainStep  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -84,8 +84,7 @@ def stage1_step(sizes, teacher, args):
         embed_dim=256), for_training=True).to(args.device)
     samples = {"image": MF.images(args.batch, sizes["image_size"], args.device),
                "text_input": MF.captions(args.batch)}
-    step, _ = make_step(model, samples, args.amp)
-    return step
+    return TrainStep(model, samples, "fp16" if args.amp else "fp32", args.device)
 
 
 def workers_per_gpu(rate):

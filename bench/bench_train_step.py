@@ -3,22 +3,24 @@
 Stage 2: ``blip2_opt_pformer`` (alignment_weight 100, with its frozen P-Former teacher) vs LAVIS's
 ``Blip2OPT``; stage 2t5: ``blip2_t5_pformer`` (w = 100, a P-Former for the T5) vs LAVIS's ``Blip2T5``, both fed
 the same prefix / suffix split of each caption; stage 1: ``blip2_qformer_pformer`` (w = 10) vs LAVIS's
-``Blip2Qformer``. The stock model is
-LAVIS's class with only its hard-coded backbones redirected (as in tests/test_stage12_models.py); it gets
-the plugin model's weights (``load_state_dict`` of the plugin model's state dict) and shares its frozen
-ViT and LLM objects, so both run the same weights on the same batch. One step = zero_grad, forward (under
-fp16 autocast with ``--amp``, as LAVIS's runner), backward, AdamW step (through a GradScaler with --amp).
+``Blip2Qformer``. The pair (``train_step_pair``): LAVIS's class with only its hard-coded backbones redirected,
+given the plugin model's weights and sharing its frozen ViT and LLM objects, so both run the same weights on the
+same batch. One step = zero_grad, forward under the step precision's autocast, backward, AdamW step (through a
+GradScaler under fp16, as LAVIS's runner with ``run.amp``); each step precision of ``--precisions`` is measured on
+the same pair, and ``--teacher-precisions`` compares the P-Former teacher in fp32 / fp16 / bf16
+(``teacher_precision``).
 
 Also timed in the same rounds: the teacher's forward alone (``teacher_prompt``), to show where the
 difference comes from.
 
-    python bench/bench_train_step.py                      # tiny, CPU
-    python bench/bench_train_step.py --device cuda        # paper sizes, amp
-    python bench/bench_train_step.py --stages 2t5         # the Flan-T5 twin of stage 2
+    python bench/bench_train_step.py                                      # tiny, CPU
+    python bench/bench_train_step.py --device cuda --precisions fp16,bf16 # paper sizes
+    python bench/bench_train_step.py --stages 2t5                         # the Flan-T5 twin of stage 2
 """
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
 
@@ -28,89 +30,60 @@ import backbone_sizes as BS  # noqa: E402
 import measure as M  # noqa: E402
 import model_factories as MF  # noqa: E402
 import reporting as R  # noqa: E402
+import teacher_precision  # noqa: E402
+import train_step_pair as TP  # noqa: E402
 
 import torch  # noqa: E402
 
+from lavis_pformer.tasks import TEACHER_PRECISION_BY_DEVICE  # noqa: E402
+
 SCRIPT = "bench_train_step"
-STAGES = {
-    "2": dict(name="stage 2", ours="blip2_opt_pformer", weight=100.0, lavis="Blip2OPT"),
-    "1": dict(name="stage 1", ours="blip2_qformer_pformer", weight=10.0, lavis="Blip2Qformer"),
-    "2t5": dict(name="stage 2 (Flan-T5)", ours="blip2_t5_pformer", weight=100.0, lavis="Blip2T5"),
-}
 
 
-def build_pair(stage, sizes, teacher):
-    """(plugin model with teacher, stock LAVIS model with the same weights), both on CPU."""
-    spec = STAGES[stage]
-    if stage == "2":
-        from lavis.models.blip2_models.blip2_opt import Blip2OPT as lavis_cls
+def measure_pair(stage, ours, stock, samples, precision, args):
+    """Time and memory of one step of each model of the pair at one step precision, side by side."""
+    step_ours, step_stock = (TP.TrainStep(m, samples, precision, args.device) for m in (ours, stock))
+    stock_note = TP.make_stock_run(stage, stock, step_stock)
 
-        cfg = MF.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher)
-        extra = dict(opt_model=sizes["opt"])
-    elif stage == "2t5":
-        from lavis.models.blip2_models.blip2_t5 import Blip2T5 as lavis_cls
+    def teacher_forward():
+        with TP.step_autocast(precision, args.device):
+            ours.teacher_prompt(ours.alignment_texts(samples))
 
-        cfg = MF.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
-                          t5_model=sizes["t5"])
-        extra = dict(t5_model=sizes["t5"])
-    else:
-        from lavis.models.blip2_models.blip2_qformer import Blip2Qformer as lavis_cls
-
-        cfg = MF.model_cfg(sizes, alignment_weight=spec["weight"], pformer_checkpoint=teacher, opt_model=None,
-                          cross_attention_freq=2, embed_dim=256)
-        extra = dict(cross_attention_freq=2, embed_dim=256)
-    torch.manual_seed(0)
-    ours = MF.build_registered(spec["ours"], cfg, for_training=True)
-    assert ours.pformer_teacher is not None and ours.alignment_weight == spec["weight"]
-    torch.manual_seed(1)
-    stock = MF.stock_model(lavis_cls, sizes, visual_encoder=ours.visual_encoder, **extra)
-    weights = {k: v for k, v in ours.state_dict().items() if k != "_extra_state"}  # not the plugin's stage record
-    msg = stock.load_state_dict(weights, strict=False)
-    if stage == "2":
-        stock.opt_model = ours.opt_model  # the same frozen LLM object (one copy in memory)
-        assert not msg.unexpected_keys, msg.unexpected_keys
-    elif stage == "2t5":
-        # The same frozen T5 object; LAVIS's Blip2T5 constructor cast it to bf16 in place: back to llm_precision.
-        ours.t5_model = ours.cast_llm(ours.t5_model, sizes["llm_precision"])
-        stock.t5_model = ours.t5_model
-        assert not msg.unexpected_keys, msg.unexpected_keys
-    else:
-        assert sorted(msg.unexpected_keys) == ["llm_proj.bias", "llm_proj.weight"], msg.unexpected_keys
-    ours_params = dict(ours.named_parameters())
-    for name, p in stock.named_parameters():
-        if p is not ours_params[name]:  # shared frozen backbones are the same tensors
-            assert torch.equal(p.detach().cpu().float(), ours_params[name].detach().cpu().float()), name
-    trainable_ours = {n for n, p in ours.named_parameters() if p.requires_grad}
-    trainable_stock = {n for n, p in stock.named_parameters() if p.requires_grad}
-    extra_trainable = sorted(trainable_ours - trainable_stock)
-    assert trainable_stock <= trainable_ours, sorted(trainable_stock - trainable_ours)
-    return ours, stock, extra_trainable
+    times = M.time_interleaved({"ours": step_ours, "stock": step_stock, "teacher": teacher_forward},
+                               args.repeats, args.warmup, args.device)
+    peaks = {key: M.peak_memory(step, args.device, before=lambda s=step: s.optimizer.zero_grad(set_to_none=True))
+             for key, step in (("ours", step_ours), ("stock", step_stock))}
+    peaks["teacher"] = M.peak_memory(teacher_forward, args.device)
+    spec = TP.STAGES[stage]
+    result = dict(stage=spec["name"], ours_model=spec["ours"], lavis_class=spec["lavis"], precision=precision,
+                  llm_precision=TP.llm_precision(stage, precision),
+                  teacher_precision=TP.precision_name(next(ours.pformer_teacher.parameters()).dtype),
+                  alignment_weight=spec["weight"], stock_note=stock_note, times_s=times,
+                  memory_method=M.MEMORY_METHOD[C.device_tag(args.device)])
+    for key, model, step in (("ours", ours, step_ours), ("stock", stock, step_stock)):
+        model_bytes, opt_bytes = M.module_bytes(model), M.optimizer_state_bytes(step.optimizer)
+        result[key] = dict(
+            step=M.summarize(times[key]), samples_per_s=args.batch / statistics.median(times[key]),
+            step_peak_bytes=peaks[key], model_bytes=model_bytes,
+            trainable_bytes=M.module_bytes(model, trainable_only=True), optimizer_state_bytes=opt_bytes,
+            teacher_bytes=M.module_bytes(getattr(model, "pformer_teacher", None)), params=M.param_count(model),
+            trainable_params=M.param_count(model, trainable_only=True),
+            footprint_bytes=model_bytes + opt_bytes + peaks[key], health=step.health(),
+        )
+    result["last_loss"] = {k: result[k]["health"]["last_loss"] for k in ("ours", "stock")}
+    result["nonfinite_losses"] = sum(result[k]["health"]["nonfinite_losses"] for k in ("ours", "stock"))
+    result["teacher_forward"] = dict(step=M.summarize(times["teacher"]), step_peak_bytes=peaks["teacher"])
+    result["time_ratio"] = M.ratio_summary(times["ours"], times["stock"])
+    result["teacher_share_of_stock_step"] = M.summarize([t / s for t, s in zip(times["teacher"], times["stock"])])
+    result["footprint_ratio"] = result["ours"]["footprint_bytes"] / result["stock"]["footprint_bytes"]
+    result["step_peak_ratio"] = peaks["ours"] / peaks["stock"]
+    return result, step_ours
 
 
-def make_step(model, samples, amp):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    scaler = torch.cuda.amp.GradScaler() if amp else None
-
-    def step():
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            loss = model(samples)["loss"]
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return loss
-
-    return step, optimizer
-
-
-def bench_stage(stage, sizes, teacher, args):
-    ours, stock, extra_trainable = build_pair(stage, sizes, teacher)
+def bench_stage(stage, sizes, teacher, args, on_result):
+    """Build the pair once; measure it at each step precision (``on_result`` after each); the teacher
+    precisions are compared at the first one."""
+    ours, stock, extra_trainable = TP.build_pair(stage, sizes, teacher, args.teacher_precisions[0])
     ours.to(args.device)
     stock.to(args.device)
     samples = {"image": MF.images(args.batch, sizes["image_size"], args.device),
@@ -119,70 +92,82 @@ def bench_stage(stage, sizes, teacher, args):
         words = [c.split() for c in samples["text_input"]]
         samples = dict(samples, text_input=[" ".join(w[: len(w) // 2]) for w in words],
                        text_output=[" ".join(w[len(w) // 2:]) for w in words])
-    step_ours, opt_ours = make_step(ours, samples, args.amp)
-    step_stock, opt_stock = make_step(stock, samples, args.amp)
+    for i, precision in enumerate(args.precisions):
+        try:
+            TP.set_llm_precision(ours, stage, precision)
+            result, step_ours = measure_pair(stage, ours, stock, samples, precision, args)
+            result["extra_trainable"] = extra_trainable
+            if i == 0 and len(args.teacher_precisions) > 1:
+                result["teacher_precisions"] = teacher_precision.compare(
+                    ours, step_ours, result["stock"]["footprint_bytes"], teacher, args.teacher_precisions,
+                    precision, args.device)
+            del step_ours
+        except Exception as e:  # noqa: BLE001  (one failing precision must not cost the others' results)
+            if not args.keep_going:
+                raise
+            result = failure(stage, precision, e)
+        on_result(result)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
-    def teacher_forward():
-        with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp):
-            ours.teacher_prompt(ours.alignment_texts(samples))
 
-    times = M.time_interleaved({"ours": step_ours, "stock": step_stock, "teacher": teacher_forward},
-                               args.repeats, args.warmup, args.device)
-    peaks = {"ours": M.peak_memory(step_ours, args.device, before=lambda: opt_ours.zero_grad(set_to_none=True)),
-             "stock": M.peak_memory(step_stock, args.device, before=lambda: opt_stock.zero_grad(set_to_none=True)),
-             "teacher": M.peak_memory(teacher_forward, args.device)}
-    losses = {k: float(f()) for k, f in (("ours", step_ours), ("stock", step_stock))}
-    result = dict(stage=STAGES[stage]["name"], ours_model=STAGES[stage]["ours"], lavis_class=STAGES[stage]["lavis"],
-                  alignment_weight=STAGES[stage]["weight"], extra_trainable=extra_trainable,
-                  last_loss=losses, times_s=times, memory_method=M.MEMORY_METHOD[C.device_tag(args.device)])
-    for key, model, optimizer in (("ours", ours, opt_ours), ("stock", stock, opt_stock)):
-        teacher_bytes = M.module_bytes(getattr(model, "pformer_teacher", None))
-        model_bytes = M.module_bytes(model)
-        opt_bytes = M.optimizer_state_bytes(optimizer)
-        result[key] = dict(
-            step=M.summarize(times[key]), step_peak_bytes=peaks[key], model_bytes=model_bytes,
-            trainable_bytes=M.module_bytes(model, trainable_only=True), optimizer_state_bytes=opt_bytes,
-            teacher_bytes=teacher_bytes, params=M.param_count(model),
-            trainable_params=M.param_count(model, trainable_only=True),
-            footprint_bytes=model_bytes + opt_bytes + peaks[key],
-        )
-    result["teacher_forward"] = dict(step=M.summarize(times["teacher"]), step_peak_bytes=peaks["teacher"])
-    result["time_ratio"] = M.ratio_summary(times["ours"], times["stock"])
-    result["teacher_share_of_stock_step"] = M.summarize([t / s for t, s in zip(times["teacher"], times["stock"])])
-    result["footprint_ratio"] = result["ours"]["footprint_bytes"] / result["stock"]["footprint_bytes"]
-    result["step_peak_ratio"] = peaks["ours"] / peaks["stock"]
-    del ours, stock, step_ours, step_stock, opt_ours, opt_stock
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+def failure(stage, precision, error):
+    """The result of a measurement that failed (``--keep-going``)."""
+    result = dict(stage=TP.STAGES[stage]["name"], precision=precision, error=f"{type(error).__name__}: {error}")
+    print(f"{result['stage']} {precision}: FAILED {result['error'][:300]}", flush=True)
     return result
 
 
 def table(results):
-    headers = ["stage", "model", "step ms (median)", "IQR (min–max) ms", "time ratio", "paired ratio min–max",
-               "ratio of minima",
-               "step peak MB", "params+buffers MB", "of which teacher MB", "AdamW state MB", "footprint MB",
-               "footprint ratio"]
+    headers = ["stage", "step precision", "model", "step ms (median)", "IQR (min–max) ms", "samples/s", "time ratio",
+               "paired ratio min–max", "ratio of minima", "step peak MB", "params+buffers MB", "of which teacher MB",
+               "AdamW state MB", "footprint MB", "footprint ratio", "non-finite losses", "steps skipped (GradScaler)"]
     rows = []
     for r in results:
+        if "error" in r:
+            rows.append([r["stage"], r["precision"], f"FAILED: {r['error'][:300]}"] + [""] * (len(headers) - 3))
+            continue
         for key in ("ours", "stock"):
             m = r[key]
             ours = key == "ours"
+            model = (f"{r['ours_model']} (w={r['alignment_weight']:g}, teacher {r['teacher_precision']})" if ours
+                     else f"LAVIS {r['lavis_class']}" + (" (prompt in fp32, see notes)" if r["stock_note"] else ""))
             rows.append([
-                r["stage"], f"{r['ours_model']} (w={r['alignment_weight']:g})" if ours else f"LAVIS {r['lavis_class']}",
-                R.fmt_s(m["step"]["median"]), R.fmt_spread(m["step"]),
+                r["stage"], f"{r['precision']} (LLM {r['llm_precision']})" if r["llm_precision"] else r["precision"],
+                model, R.fmt_s(m["step"]["median"]), R.fmt_spread(m["step"]), f"{m['samples_per_s']:.3g}",
                 f"**{r['time_ratio']['ratio']:.3f}x**" if ours else "1",
                 f"{r['time_ratio']['paired_min']:.3f}–{r['time_ratio']['paired_max']:.3f}" if ours else "",
                 f"{r['time_ratio']['min_ratio']:.3f}x" if ours else "",
                 R.fmt_mb(m["step_peak_bytes"]), R.fmt_mb(m["model_bytes"]), R.fmt_mb(m["teacher_bytes"]),
-                R.fmt_mb(m["optimizer_state_bytes"]), R.fmt_mb(m["footprint_bytes"]),
-                f"{r['footprint_ratio']:.3f}x" if ours else "1",
+                R.fmt_mb(m["optimizer_state_bytes"]) + (" (none yet)" if m["health"]["adamw_state_empty"] else ""),
+                R.fmt_mb(m["footprint_bytes"]), f"{r['footprint_ratio']:.3f}x" if ours else "1",
+                f"{m['health']['nonfinite_losses']} of {m['health']['steps']}",
+                f"{m['health']['skipped_steps']} of {m['health']['steps']}" if step_scaled(r) else "",
             ])
         t = r["teacher_forward"]
-        rows.append([r["stage"], "(P-Former teacher forward alone)", R.fmt_s(t["step"]["median"]),
-                     R.fmt_spread(t["step"]), f"{r['teacher_share_of_stock_step']['median']:.3f} of stock step", "", "",
-                     R.fmt_mb(t["step_peak_bytes"]), "", "", "", "", ""])
+        rows.append([r["stage"], r["precision"], "(P-Former teacher forward alone)", R.fmt_s(t["step"]["median"]),
+                     R.fmt_spread(t["step"]), "", f"{r['teacher_share_of_stock_step']['median']:.3f} of stock step",
+                     "", "", R.fmt_mb(t["step_peak_bytes"])] + [""] * 7)
     return R.markdown_table(headers, rows)
+
+
+def step_scaled(result):
+    return TP.STEP_PRECISIONS[result["precision"]]["scaler"]
+
+
+def teacher_table(results):
+    """The teacher precisions compared (``--teacher-precisions``), or "" when none were."""
+    headers = ["stage", "step precision", "teacher", "teacher MB", "footprint MB", "footprint / LAVIS",
+               "loss_align", "change vs fp32", "gradient change vs fp32"]
+    rows = []
+    for r in results:
+        for precision, t in r.get("teacher_precisions", {}).items():
+            rows.append([r["stage"], r["precision"], precision, R.fmt_mb(t["teacher_bytes"]),
+                         R.fmt_mb(t["footprint_bytes"]), f"**{t['footprint_ratio']:.4f}x**", f"{t['loss_align']:.6g}",
+                         f"{t['loss_align_rel_change']:.2e}" if "loss_align_rel_change" in t else "",
+                         f"{t['grad_rel_change']:.2e}" if "grad_rel_change" in t else ""])
+    return R.markdown_table(headers, rows) if rows else ""
 
 
 NOTES = [
@@ -192,13 +177,54 @@ NOTES = [
     "step peak = peak tensor memory during one untimed step above the level at its start (gradients are set to "
     "None before the step, so they are inside it); footprint = params+buffers (frozen ViT/LLM and the teacher "
     "included) + AdamW state + step peak, i.e. what one model alone would hold at its peak.",
+    "step precision: fp32 (no autocast); fp16 (fp16 autocast + GradScaler, as LAVIS's runner with run.amp); bf16 "
+    "(bf16 autocast, bf16 LLM). Non-finite losses and GradScaler-skipped steps: over every step each model ran "
+    "(warm-up, timed, memory); AdamW state '(none yet)': every step so far was skipped, so the footprint lacks it.",
+    "teacher table: loss_align and its gradient on every trainable tensor, same batch and weights, relative to the "
+    "fp32 teacher (|L - L32| / |L32|, ||g - g32|| / ||g32||).",
 ]
 
 
-def run_stages(stages, args):
-    """(sizes, [result of each stage]): the backbones and teachers built once, then each stage measured."""
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
+    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma list of step precisions fp32, fp16 (autocast + GradScaler), bf16 (default: fp16 "
+                             "with --amp, else fp32), each measured on the same pair")
+    parser.add_argument("--teacher-precisions", default=None,
+                        help="comma list of P-Former teacher precisions (fp32, fp16, bf16): the first in the timed "
+                             "pair, all compared for footprint, loss_align and gradient (default: the training "
+                             "default of the device, fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="a step precision that fails is recorded and the others still run")
+    parser.add_argument("--frozen-in-files", action="store_true",
+                        help="CPU, stages 1 and 2 (OPT): keep the frozen ViT and LLM in files mapped into memory "
+                             "(page cache, not process memory), so that the paper sizes fit a small machine; the "
+                             "measured bytes are the same")
+    args = C.finish_args(parser.parse_args(argv))
+    args.stages = split_choices(args.stages, TP.STAGES, "--stages")
+    if args.frozen_in_files and (args.device != "cpu" or "2t5" in args.stages):
+        raise SystemExit("--frozen-in-files: CPU runs of stages 1 and 2 only (LAVIS's Blip2T5 copies its T5 to bf16)")
+    args.precisions = split_choices(args.precisions or ("fp16" if args.amp else "fp32"), TP.STEP_PRECISIONS,
+                                    "--precisions")
+    default_teacher = TEACHER_PRECISION_BY_DEVICE[C.device_tag(args.device)]
+    args.teacher_precisions = split_choices(args.teacher_precisions or default_teacher, TP.DTYPES,
+                                            "--teacher-precisions")
+    return args
+
+
+def split_choices(text, choices, flag):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or set(values) - set(choices):
+        raise SystemExit(f"{flag}: a comma list of {', '.join(sorted(choices))}, got {text!r}")
+    return values
+
+
+def run_stages(args, on_result):
+    """sizes; the backbones and teachers built once, then each stage measured (``on_result(result)`` each time)."""
+    stages = args.stages
     created_group = MF.ensure_process_group(args.device)
-    results = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
             sizes = BS.resolve_sizes(args, work)
@@ -210,38 +236,54 @@ def run_stages(stages, args):
                 teachers["2t5"] = MF.make_teacher(sizes, work, llm_name=sizes["t5"],
                                                  llm_hidden_size=sizes["t5_hidden_size"], filename="pformer_t5.pth")
             init_device = args.device if args.size == "paper" else "cpu"
-            with BS.random_init_backbones(init_device) as shared_llms:
+            files_dir = os.path.join(work, "frozen") if args.frozen_in_files else None
+            with BS.random_init_backbones(init_device, files_dir) as shared_llms:
                 for stage in stages:
-                    results.append(bench_stage(stage, sizes, teachers[stage], args))
-                    shared_llms.clear()  # free the frozen OPT before the next stage
-                    print(f"{STAGES[stage]['name']}: ratio {results[-1]['time_ratio']['ratio']:.3f}x", flush=True)
+                    try:
+                        bench_stage(stage, sizes, teachers[stage], args, on_result)
+                    except Exception as e:  # noqa: BLE001  (e.g. out of memory while building the pair)
+                        if not args.keep_going:
+                            raise
+                        on_result(failure(stage, "/".join(args.precisions), e))
+                    shared_llms.clear()  # free the frozen LLM before the next stage
+                    gc.collect()
+                    if args.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
     finally:
         if created_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return sizes, results
+    return sizes
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_common_args(parser, batch_tiny=8, batch_paper=128, warmup=2)
-    parser.add_argument("--stages", default="2,1", help="comma list of 2 (OPT), 1 (Q-Former) and/or 2t5 (Flan-T5)")
-    args = C.finish_args(parser.parse_args(argv))
+def main(argv=None, on_result=None):
+    """Measure, print and write the results; ``on_result(payload)`` after each (stage, precision) as well."""
+    args = parse_args(argv)
     C.quiet()
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not stages or set(stages) - set(STAGES):
-        raise SystemExit(f"--stages: choose from {sorted(STAGES)}")
     machine = R.machine_info(args.device)
-    sizes, results = run_stages(stages, args)
-    llms = ([sizes["opt_desc"]] if {"1", "2"} & set(stages) else []) + ([sizes["t5_desc"]] if "t5_desc" in sizes else [])
+    results = []
+    payload = dict(machine=machine, args=R.args_record(args), argv=argv, results=results, complete=False)
+
+    def record(result):
+        results.append(result)
+        if "error" not in result:
+            print(f"{result['stage']} {result['precision']}: ratio {result['time_ratio']['ratio']:.3f}x", flush=True)
+        R.write_json(SCRIPT, args, payload)  # what is measured so far survives a crash or a timeout
+        if on_result is not None:
+            on_result(payload)
+
+    sizes = run_stages(args, record)
+    llms = ([sizes["opt_desc"]] if {"1", "2"} & set(args.stages) else []) + \
+        ([sizes["t5_desc"]] if "t5_desc" in sizes else [])
     sizes_line = (f"{args.size}, {sizes['bert_desc']}, {', '.join(llms)}, {sizes['vit_desc']}, "
-                  f"Q={sizes['num_query_token']}, "
-                  f"batch {args.batch}, {args.device}{', amp fp16' if args.amp else ', fp32'}")
+                  f"Q={sizes['num_query_token']}, batch {args.batch}, {args.device}, "
+                  f"step precisions {'/'.join(args.precisions)}, teacher {'/'.join(args.teacher_precisions)}")
     notes = NOTES + [f"memory: {M.MEMORY_METHOD[C.device_tag(args.device)]}."]
-    payload = dict(machine=machine, sizes=sizes, sizes_line=sizes_line, args=R.args_record(args), argv=argv,
-                   results=results)
-    R.publish(SCRIPT, args, machine, sizes_line, table(results), notes, payload)
+    notes += [f"{r['stage']} {r['precision']}: {r['stock_note']}" for r in results if r.get("stock_note")]
+    payload.update(sizes=sizes, sizes_line=sizes_line, complete=True)
+    tables = "\n\n".join(t for t in (table(results), teacher_table(results)) if t)
+    R.publish(SCRIPT, args, machine, sizes_line, tables, notes, payload)
     return payload
 
 

@@ -77,14 +77,27 @@ def fmt_spread(stats):
     return f"{fmt_s(stats['q1'])}–{fmt_s(stats['q3'])} ({fmt_s(stats['min'])}–{fmt_s(stats['max'])})"
 
 
+def result_base(script, args):
+    """``<results-dir>/<script>_<device>[_<tag>]``, the path of the result files without their suffix."""
+    tag = f"_{args.tag}" if getattr(args, "tag", "") else ""
+    return os.path.join(args.results_dir, f"{script}_{device_tag(args.device)}{tag}")
+
+
+def write_json(script, args, payload):
+    """``<result_base>.json``: the payload as it is now (scripts that measure in parts write it after each)."""
+    os.makedirs(args.results_dir, exist_ok=True)
+    path = result_base(script, args) + ".json"
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(script=script, **payload), f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write_results(script, args, payload, table, notes=()):
     """``<results-dir>/<script>_<device>.json`` (latest run) and append the table to ``.md``; returns paths."""
-    os.makedirs(args.results_dir, exist_ok=True)
-    tag = f"_{args.tag}" if getattr(args, "tag", "") else ""
-    base = os.path.join(args.results_dir, f"{script}_{device_tag(args.device)}{tag}")
+    base = result_base(script, args)
+    write_json(script, args, payload)
     payload = dict(script=script, **payload)
-    with open(base + ".json", "w") as f:
-        json.dump(payload, f, indent=1, default=str)
     if sys.argv[0].endswith(script + ".py"):
         cmd = ("python bench/" + script + ".py " + " ".join(sys.argv[1:])).strip()
     else:

@@ -162,6 +162,8 @@ class BackboneMixin:
             vit = vit.half()
         return vit, LayerNorm(vit.num_features)
 
+    OWN_PRECISION = ()  # prefixes of submodules whose precision is their own: it does not choose the autocast
+
     def maybe_autocast(self, dtype=torch.float16):
         """LAVIS: CUDA autocast on a GPU, nothing on the CPU, so that a model with fp16 / bf16 backbones cannot run
         on a CPU at all (fp32 images meet fp16 ViT weights). Here, on the CPU, the same sections run under CPU
@@ -170,7 +172,7 @@ class BackboneMixin:
         unchanged (no autocast); GPUs: LAVIS's own."""
         if self.device.type != "cpu":
             return super().maybe_autocast(dtype)
-        if any(p.dtype in LOW_PRECISION for p in self.parameters()):
+        if any(p.dtype in LOW_PRECISION for n, p in self.named_parameters() if not n.startswith(self.OWN_PRECISION)):
             return cpu_autocast(dtype)
         return contextlib.nullcontext()
 

@@ -27,7 +27,7 @@ from lavis.common.registry import registry
 
 from lavis_pformer.errors import ConfigError, MissingFileError, UserError, user_message
 from lavis_pformer.resume import resolve_resume_path
-from lavis_pformer.runtime import init_distributed, make_job_id, make_output_dir
+from lavis_pformer.runtime import end_distributed, init_distributed, make_job_id, make_output_dir
 
 DEFAULT_RUNNER = "runner_pformer"
 USER_ERROR_STATUS = 2
@@ -205,9 +205,10 @@ def main(command, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = parse_args(argv, description).debug
     try:
-        return function(argv)
-    except UserError as error:
-        if debug:
+        result = function(argv)
+    except BaseException as error:
+        end_distributed(wait_for_others=False)  # every rank leaves the process group, whatever happened
+        if debug or not isinstance(error, UserError):
             raise
         for handler in logging.getLogger().handlers:  # the log lines before it first: the block comes last
             handler.flush()
@@ -215,3 +216,5 @@ def main(command, argv=None):
         sys.stderr.write(format_user_error(error, f"{command}.py") + "\n")  # every rank (LAVIS mutes print)
         sys.stderr.flush()
         raise SystemExit(USER_ERROR_STATUS) from None
+    end_distributed()
+    return result

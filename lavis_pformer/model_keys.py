@@ -119,12 +119,19 @@ class AlignmentKeys:
     hands them whole to ``PFormerAlignmentMixin.setup_alignment`` (:mod:`lavis_pformer.models.alignment`).
 
     - ``alignment_weight`` (float >= 0): the weight of ``loss_align`` (the model's default: w1 = 10, w2 = 100);
-    - ``pformer_checkpoint`` (str or None): stage 0's ``pformer.pth``.
+    - ``pformer_checkpoint`` (str or None): stage 0's ``pformer.pth``;
+    - ``teacher_precision`` (``fp32`` / ``fp16`` / ``bf16``): the teacher's precision; a training task fills it in
+      by ``run.device`` when the config leaves it unset (:mod:`lavis_pformer.tasks`).
     """
 
     def __init__(self, cfg, default_weight):
         self.alignment_weight = as_float(cfg, "alignment_weight", default_weight, minimum=0)
         self.pformer_checkpoint = optional_str(cfg, "pformer_checkpoint")
+        self.teacher_precision = cfg.get("teacher_precision") or "fp32"
+        if self.teacher_precision not in DTYPES:
+            raise ConfigError(
+                f"model.teacher_precision must be one of {', '.join(sorted(DTYPES))}, got {self.teacher_precision!r}; "
+                "leave it unset for the default (fp16 when run.device is cuda, fp32 on the CPU)")
 
 
 def plugin_kwargs(cls, cfg, for_training):

@@ -99,9 +99,11 @@ class PFormer(nn.Module):
         )
 
     def save(self, path: str) -> None:
-        """Atomically write {"format", "meta", "state_dict"} to `path`."""
+        """Atomically write {"format", "meta", "state_dict"} to `path`, floating tensors in fp32 (whatever the
+        module's dtype: a teacher cast to fp16 / bf16 never writes a half-precision P-Former)."""
         path = os.fspath(path)
-        state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        state_dict = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                      for k, v in self.state_dict().items()}
         tmp = path + ".tmp"
         try:
             torch.save({"format": CHECKPOINT_FORMAT, "meta": self.metadata, "state_dict": state_dict}, tmp)

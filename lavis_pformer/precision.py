@@ -9,6 +9,9 @@ BLIP-2: CUDA autocast runs ``layer_norm`` in fp32 (its fp32 list casts the input
 leaves it alone, and the CPU kernel refuses an fp32 input with bf16 / fp16 parameters ("mixed dtype (CPU):
 expect parameter to have scalar type of Float"), which happens as soon as an fp32 activation reaches a
 low-precision LLM's first LayerNorm. Inside :func:`cpu_autocast` such a call runs in fp32, as on a GPU.
+
+:func:`cat_in_dtype` joins a soft prompt with an LLM's token embeddings where autocast (CUDA or CPU) would refuse
+the mix of precisions.
 """
 import contextlib
 
@@ -45,3 +48,15 @@ def cpu_autocast(dtype=torch.float16):
         _active[0] -= 1
         if _active[0] == 0:
             F.layer_norm = F.layer_norm.original
+
+
+def cat_in_dtype(tensors, dtype, dim=1):
+    """``torch.cat`` of ``tensors`` cast to ``dtype``, outside autocast.
+
+    Autocast refuses to concatenate fp16 with bf16 tensors ("Unexpected floating ScalarType in
+    at::autocast::prioritize"), and under fp16 autocast it sees even two bf16 tensors as such a mix: a soft prompt
+    cast to a bf16 LLM's dtype and joined with its token embeddings fails under ``run.amp`` (the runner's fp16
+    autocast). Outside autocast the concatenation is the plain one, in ``dtype``.
+    """
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return torch.cat([t.to(dtype) for t in tensors], dim=dim)

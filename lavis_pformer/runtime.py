@@ -70,13 +70,54 @@ def _synchronize_on_backend_device(self):
 lavis_logger.SmoothedValue.synchronize_between_processes = _synchronize_on_backend_device
 
 
+_group_started_here = False  # whether init_distributed started the process group (end_distributed ends it)
+
+
 def init_distributed(run_cfg):
     """Start torch.distributed for this run; sets run_cfg.distributed / rank / world_size / gpu.
 
     - torchrun + ``device: cuda`` + GPUs present: LAVIS's own init (nccl).
     - torchrun on CPU: gloo over the env:// rendezvous that torchrun provides.
     - a plain ``python train.py``: a 1-rank gloo group in memory (``distributed`` stays False: no DDP).
+
+    A 1-rank group that already exists (the caller's) is used as it is, and the caller ends it.
     """
+    global _group_started_here
+    existed = dist.is_initialized()
+    try:
+        _start_distributed(run_cfg)
+    finally:
+        _group_started_here = not existed and dist.is_initialized()
+
+
+def end_distributed(wait_for_others=True):
+    """Leave the process group that ``init_distributed`` started; train.py and evaluate.py call it on every rank
+    before they exit, after a user error too.
+
+    LAVIS never destroys its process group, so each rank exited with the group alive: the backend's worker
+    threads could then still hold the last references to the tensors of the last collectives, and when such a
+    thread dropped them while the interpreter was already finalizing, taking the GIL killed the process with
+    SIGABRT, after a run that had succeeded (a PyTorch behaviour described in pytorch/pytorch#179291, whose atexit
+    fix was not merged; rare: the thread has to drop them at that very moment, more likely on a loaded machine).
+    ``destroy_process_group`` joins those threads while the process is whole. Every rank first waits for the
+    others (``wait_for_others``: after a finished run; never after an error, when some rank may not come), so that
+    no rank takes the group down while another still uses it.
+    """
+    global _group_started_here
+    if not (_group_started_here and dist.is_initialized()):
+        return
+    _group_started_here = False
+    try:
+        if wait_for_others and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _start_distributed(run_cfg):
     device = str(run_cfg.get("device", "cuda"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(
@@ -98,6 +139,9 @@ def init_distributed(run_cfg):
             "gloo", init_method="env://", rank=run_cfg.rank, world_size=run_cfg.world_size,
             timeout=datetime.timedelta(minutes=int(run_cfg.get("dist_timeout_min", 30))),
         )
+        # As LAVIS's nccl start: no rank goes on before every rank has connected (a rank that stops at once, e.g.
+        # on an input error, would otherwise close its connections while another is still setting up its own).
+        dist.barrier()
         setup_for_distributed(run_cfg.rank == 0)
     else:
         run_cfg.distributed = False

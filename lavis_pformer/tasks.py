@@ -124,12 +124,19 @@ class LossTermLoggingMixin:
         return stats
 
 
+# model.teacher_precision when the config gives none, by run.device: half the teacher's memory on a GPU, where
+# the training step runs in fp16 anyway; fp32 on the CPU (no autocast by default, and CPU half kernels are slow).
+TEACHER_PRECISION_BY_DEVICE = {"cuda": "fp16", "cpu": "fp32"}
+
+
 class AlignmentTeacherTaskMixin:
     """Builds the model with its P-Former teacher when the run trains (``run.evaluate`` False).
 
     The plugin's BLIP-2 models take ``from_config(cfg, for_training)``: the frozen P-Former teacher is
     loaded only for training, so evaluation and ``load_model`` never need it. Models whose
     ``from_config`` has no ``for_training`` (stock LAVIS ``blip2_opt``...) are built as LAVIS does.
+    A training run without ``model.teacher_precision`` gets the default of its ``run.device``
+    (``TEACHER_PRECISION_BY_DEVICE``).
     """
 
     def build_model(self, cfg):
@@ -137,7 +144,11 @@ class AlignmentTeacherTaskMixin:
         model_cls = registry.get_model_class(model_cfg.arch)
         if "for_training" not in inspect.signature(model_cls.from_config).parameters:
             return model_cls.from_config(model_cfg)
-        return model_cls.from_config(model_cfg, for_training=not cfg.run_cfg.get("evaluate", False))
+        for_training = not cfg.run_cfg.get("evaluate", False)
+        if for_training and model_cfg.get("teacher_precision") is None:
+            device = torch.device(str(cfg.run_cfg.get("device", "cuda"))).type
+            model_cfg.teacher_precision = TEACHER_PRECISION_BY_DEVICE.get(device, "fp32")
+        return model_cls.from_config(model_cfg, for_training=for_training)
 
 
 @registry.register_task("pformer_pretrain")

@@ -9,6 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def annotation_cache(tmp_path_factory):
+    """The annotation cache folder of the builders (lavis_pformer.datasets.arrow_cache), for this test session and
+    the processes it starts; not the user's ~/.cache."""
+    folder = str(tmp_path_factory.mktemp("annotation_cache"))
+    before = os.environ.get("LAVIS_PFORMER_CACHE")
+    os.environ["LAVIS_PFORMER_CACHE"] = folder
+    yield folder
+    if before is None:
+        os.environ.pop("LAVIS_PFORMER_CACHE", None)
+    else:
+        os.environ["LAVIS_PFORMER_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny backbones and sentence corpus: keys bert, opt, t5, sentences."""

@@ -203,7 +203,7 @@ def test_auto_image_check_skips_large_splits(world, monkeypatch, caplog):
     monkeypatch.setattr(lit, "CHECK_IMAGES_AUTO_LIMIT", 10)
     with caplog.at_level(logging.INFO):
         ds = _caption_builder(world).build_datasets()["train"]  # 64 images > 10: not checked, built
-    assert "64 images, more than 10: not checked" in caplog.text and not ds.bad_images
+    assert "more than 10 images: not checked" in caplog.text and not ds.bad_images
     with pytest.raises(Exception, match="2 of the 64 images"):
         _caption_builder(world, check_images=True).build_datasets()
 
@@ -426,6 +426,10 @@ BAD_RUNS = {
                                                                    _corrupt_image(t, d)), lambda d: [],
                          ["1 of the 64 images of datasets.local_caption train cannot be read",
                           "max_bad_images: 1 to skip"]),
+    "cache_dir_not_a_folder": ("train", lambda t, te, s1, d: stage2_config(t, te["opt"], "out"),
+                               lambda d: ["datasets.local_caption.build_info.cache_dir=3"],
+                               ["(configuration)", "datasets.local_caption.build_info.cache_dir must be a folder, "
+                                "auto or false, got 3"]),
     "max_bad_images_not_a_count": ("train", lambda t, te, s1, d: stage2_config(t, te["opt"], "out"),
                                    lambda d: ["datasets.local_caption.build_info.max_bad_images=3,"],
                                    ["max_bad_images must be an integer >= 0, got '3,'"]),

@@ -9,10 +9,11 @@ import torch
 
 from helpers import REPO, import_script
 
-bench_annotations_memory, bench_inference, bench_shard_loader, bench_stage0_throughput, bench_train_step, bench_vq = (
-    import_script(os.path.join(REPO, "bench", f"{name}.py"))
-    for name in ("bench_annotations_memory", "bench_inference", "bench_shard_loader", "bench_stage0_throughput",
-                 "bench_train_step", "bench_vq"))
+(bench_annotations_memory, bench_inference, bench_sentence_corpus_start, bench_shard_loader, bench_stage0_throughput,
+ bench_train_step, bench_vq) = (import_script(os.path.join(REPO, "bench", f"{name}.py"))
+                               for name in ("bench_annotations_memory", "bench_inference", "bench_sentence_corpus_start",
+                                            "bench_shard_loader", "bench_stage0_throughput", "bench_train_step",
+                                            "bench_vq"))
 
 MACHINE_KEYS = {"cpu", "cpu_cores", "torch_threads", "torch", "date", "device", "gpu"}
 
@@ -99,14 +100,33 @@ def test_bench_train_step_flan_t5_twin(backbones, tmp_path):
 
 def test_bench_annotations_memory(tmp_path):
     data = bench_annotations_memory.main(["--pairs", "3000", "--ranks", "1", "--workers", "1", "--variants",
-                                          "lavis,compact", "--workdir", str(tmp_path), "--results-dir", str(tmp_path)])
+                                          "lavis,first", "--start-rounds", "1", "--workdir", str(tmp_path),
+                                          "--results-dir", str(tmp_path)])
     assert os.path.isfile(os.path.join(tmp_path, "bench_annotations_memory_cpu.md"))
-    assert [r["variant"] for r in data["results"]] == ["lavis", "compact"]
+    assert [(r["pairs"], r["variant"]) for r in data["results"]] == [(3000, "lavis"), (3000, "first")]
     for r in data["results"]:
-        assert r["summary"]["samples"] == 3000 and r["summary"]["processes"] == 2
-        for key in ("rank_rss", "rank_pss", "worker_rss", "worker_pss", "total_pss", "rank_peak_rss"):
+        assert r["summary"]["samples"] == 3000 and r["summary"]["processes"] == 2 and len(r["starts"]) == 2
+        for key in ("rank_rss", "rank_pss", "worker_rss", "worker_pss", "total_pss", "rank_peak_rss", "build_s",
+                    "rank_build_peak_anon"):
             assert positive(r["summary"][key]), key
-    assert positive(data["ratios"]["total_pss"])
+    ratios = data["ratios"][3000]
+    assert positive(ratios["first_start"]) and positive(ratios["first_total_pss"])
+    assert ratios["first_start_paired_min"] <= ratios["first_start_paired_max"]
+    skipped = bench_annotations_memory.main(["--pairs", "2000", "--variants", "lavis", "--lavis-max-pairs", "1000",
+                                             "--workdir", str(tmp_path), "--results-dir", str(tmp_path)])
+    assert skipped["results"] == [] and skipped["ratios"] == {2000: {}}
+    report = open(os.path.join(tmp_path, "bench_annotations_memory_cpu.md")).read()
+    assert "LAVIS at 2,000 pairs: not measured" in report
+
+
+def test_bench_sentence_corpus_start(tmp_path):
+    data = bench_sentence_corpus_start.main(["--lines", "2000", "--repeats", "2", "--workdir", str(tmp_path),
+                                             "--results-dir", str(tmp_path)])
+    assert [r["format"] for r in data["results"]] == ["txt", "jsonl"]
+    for r in data["results"]:
+        assert r["sentences"] == 2000 and r["offsets_bytes"] == 8 * 2000 and positive(r["cache_file_bytes"])
+        assert len(r["rounds"]) == 2 and all(positive(v) for v in r["ratio_to_line_index"].values())
+    assert os.path.isfile(os.path.join(tmp_path, "bench_sentence_corpus_start_cpu.md"))
 
 
 def test_bench_inference(backbones, tmp_path):

@@ -5,8 +5,8 @@
 - No Python object per record: building 20,000 records adds a bounded number of objects to the garbage
   collector's view (LAVIS's dataset adds one dict and its strings per record), and the arrays hold
   (path + caption bytes + 12) per record.
-- The streaming JSON reader: elements cut across its buffer boundary, odd whitespace, empty lists, and malformed
-  files as DataError naming the entry.
+- The batched reader: records across batch and chunk boundaries, odd whitespace, empty lists, and malformed
+  files as DataError naming the entry, the line or the byte.
 The memory per process at 4M pairs with 2 ranks x 2 workers is measured by bench/bench_annotations_memory.py.
 """
 import gc
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lavis_pformer.datasets.compact as compact
+import lavis_pformer.datasets.json_batches as json_batches
 from lavis.datasets.datasets.caption_datasets import CaptionDataset
 from lavis.processors.blip_processors import BlipCaptionProcessor, BlipImageEvalProcessor
 from lavis_pformer.datasets.compact import CompactCaptions
@@ -43,7 +44,9 @@ def write_records(tiny, tmp_path, n=40, seed=0):
     return world, [str(first), str(second)], [str(first), str(lavis_second)]
 
 
-def test_items_are_those_of_lavis_caption_dataset(tiny, tmp_path):
+@pytest.mark.parametrize("batch", [1, 3, 1 << 16])  # batches of one id type each, mixed, all records in one
+def test_items_are_those_of_lavis_caption_dataset(tiny, tmp_path, monkeypatch, batch):
+    monkeypatch.setattr(json_batches, "BATCH", batch)
     world, ours_paths, lavis_paths = write_records(tiny, tmp_path)
     vis, text = BlipImageEvalProcessor(image_size=32), BlipCaptionProcessor(max_words=50)
     ours = LocalCaptionDataset(vis, text, world, ours_paths)
@@ -79,39 +82,79 @@ def test_no_python_object_per_record(tmp_path):
     assert int(store.image_index[12345]) == 2345  # ids numbered by first appearance
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
-def test_streaming_reader_across_buffer_boundaries(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(compact, "_CHUNK_CHARS", chunk)
+@pytest.mark.parametrize("batch,chunk", [(1, 1), (7, 13), (64, 1 << 20)])
+def test_batches_across_boundaries(tmp_path, monkeypatch, batch, chunk):
+    """Records decoded a few at a time (json_batches.BATCH) and JSON lines read a few bytes at a time
+    (LINE_CHUNK): the same records, in order, with a BOM, odd whitespace and nested values."""
+    monkeypatch.setattr(json_batches, "BATCH", batch)
+    monkeypatch.setattr(json_batches, "LINE_CHUNK", chunk)
     records = [{"image": f"i{i}.png", "caption": CAPTIONS[i % len(CAPTIONS)] * (i % 3 + 1), "image_id": i,
                 "nested": {"a": [1, 2, {"b": "]},"}]}} for i in range(25)]
     path = tmp_path / "a.json"
     path.write_text("\ufeff \n [\n" + " ,\n\t".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in
                                                     enumerate(records)) + "\n ]  \n", encoding="utf-8")
-    store = CompactCaptions([str(path)])
-    assert [store.caption(i) for i in range(len(store))] == [r["caption"] for r in records]
-    assert [store.image(i) for i in range(len(store))] == [r["image"] for r in records]
+    lines = tmp_path / "a.jsonl"
+    lines.write_text("\ufeff" + "\n\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    for store in (CompactCaptions([str(path)]), CompactCaptions([str(lines)])):
+        assert [store.caption(i) for i in range(len(store))] == [r["caption"] for r in records]
+        assert [store.image(i) for i in range(len(store))] == [r["image"] for r in records]
+        assert store.image_index.tolist() == list(range(25))
     (tmp_path / "empty.json").write_text(" [ ] ")
     assert len(CompactCaptions([str(tmp_path / "empty.json")])) == 0
 
 
 @pytest.mark.parametrize("content,message", [
-    ('[{"image": "a", "caption": "b", "image_id": 1}, {"image": "a", "caption": "b"', "entry 1"),
-    ('[{"image": "a", "caption": "b", "image_id": 1} {"image": "a"}]', "expected ',' or ']'"),
-    ('{"image": "a", "caption": "b", "image_id": 1}', "expected a JSON list"),
+    ('[{"image": "a", "caption": "b", "image_id": 1}, {"image": "a", "caption": "b"',
+     r"is not valid JSON \(the file ends inside the list: it is cut short\)"),
+    ('[{"image": "a", "caption": "b", "image_id": 1}\n {"image": "a"}]',
+     r"is not valid JSON \(line 2, column 2 \(byte 48\): expected ',' or ']'\)"),
+    ('[{"image": "a", "caption": "b", "image_id": 1}] [', r"line 1, column 50 \(byte 49\): trailing characters"),
+    ('{"image": "a", "caption": "b", "image_id": 1}', "expected a JSON list of objects .* but it starts with '{'"),
     ('', "empty"),
+    (' \n ', "empty"),
     ('[{"image": "a", "caption": "b"}]', r"entry 0: missing \['image_id'\]"),
-    ('[{"image": 3, "caption": "b", "image_id": 1}]', "is not a path string"),
+    ('[{"image": "a", "caption": "b", "image_id": 1}, 3]', r"entry 1: missing \['image', 'caption', 'image_id'\]"),
+    ('[{"image": 3, "caption": "b", "image_id": 1}]', "entry 0: image 3 is not a path string"),
+    ('[{"image": "a", "caption": ["b"], "image_id": 1}]', r"entry 0: caption \['b'\] is not a string"),
+    (b'[{"image": "a", "caption": "b", "image_id": 1}, {"image": "a", "caption": "\xff", "image_id": 1}]',
+     "is not valid JSON \\(entry 1: Invalid UTF-8"),
 ])
 def test_malformed_files_are_data_errors(tmp_path, monkeypatch, content, message):
-    monkeypatch.setattr(compact, "_CHUNK_CHARS", 16)
+    monkeypatch.setattr(json_batches, "BATCH", 1)
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError, match=message):
         CompactCaptions([str(path)])
 
 
 def test_bad_json_line_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"image": "a", "caption": "b", "image_id": 1}\n{"image": \n')
-    with pytest.raises(DataError, match="line 2: not valid JSON"):
+    path.write_text('{"image": "a", "caption": "b", "image_id": 1}\n\n{"image": \n')
+    with pytest.raises(DataError, match="line 3: not valid JSON"):
         CompactCaptions([str(path)])
+    path.write_text('{"image": "a", "caption": "b", "image_id": 1}\n\n{"image": "a", "caption": 2, "image_id": 1}\n')
+    with pytest.raises(DataError, match="entry 1: caption 2 is not a string"):
+        CompactCaptions([str(path)])
+
+
+@pytest.mark.parametrize("values", [[], [5], [1, 2, 3, 7], [4, 4, 2, 2, 2, 9], [3, 1, 3, 2, 1, 3], ["b", "a", "b"],
+                                    ["a", "a", "c", "d"], list(range(50, 0, -1)) * 2])
+def test_numbered_in_order_is_lavis_img_ids(values):
+    """Runs, sorted heads (nothing hashed) or the dictionary encoding: the numbering of LAVIS's img_ids dict."""
+    import pyarrow as pa
+
+    ids = {}
+    for v in values:
+        ids.setdefault(v, len(ids))
+    codes, count = compact.numbered_in_order(pa.array(values, pa.int64() if not values or isinstance(values[0], int)
+                                                      else pa.string()))
+    assert codes.tolist() == [ids[v] for v in values] and count == len(ids) and codes.dtype == "int32"
+
+
+def test_image_files_counted_as_far_as_the_image_check_needs(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"image": f"{i % 300}.jpg", "caption": "c", "image_id": i} for i in range(1000)]))
+    store = CompactCaptions([str(path)])
+    assert 10 < store.num_image_files(up_to=10) < 300  # stopped early: more than 10 is all the check needs
+    assert store.num_image_files(up_to=500) == 300 == store.num_image_files()
+    assert store.image_files()[:3] == ["0.jpg", "1.jpg", "2.jpg"] and len(store.image_files()) == 300

@@ -18,7 +18,7 @@ from lavis.common.registry import registry
 from lavis_pformer.precision import cpu_autocast
 from lavis_pformer.tiny import SIZES
 
-from helpers import make_teacher, only_run_dir, run_script, stage2_config
+from helpers import build_model, make_teacher, only_run_dir, run_script, stage2_config, tiny_stage0_overrides
 
 VIT = SIZES["vit"]
 CAPTIONS = ["a red circle on the left", "two blue squares at the top", "a dog", "a cat sitting next to a tree"]
@@ -117,3 +117,23 @@ def test_train_py_with_gpu_precisions_and_amp_on_the_cpu(tiny, teachers, tmp_pat
 
     stats = [json.loads(line) for line in open(f"{run_dir}/log.txt") if line.startswith('{"train_')]
     assert stats and all(math.isfinite(float(stats[-1][k])) for k in ("train_loss", "train_loss_lm", "train_loss_align"))
+
+
+@pytest.mark.parametrize("name,llm_precision", [("pformer_opt", "fp16"), ("pformer_opt", "bf16"),
+                                                ("pformer_t5", "fp16"), ("pformer_t5", "bf16")])
+def test_stage0_training_step_in_gpu_precisions(tiny, name, llm_precision):
+    """Stage 0 under the runner's run.amp with the LLM in fp16 or bf16 (the paper's Flan-T5 config: bf16 T5, amp):
+    the prompt meets the LLM's token embeddings in a concatenation that autocast would refuse for fp16 + bf16."""
+    llm = "opt" if name == "pformer_opt" else "t5"
+    torch.manual_seed(0)
+    overrides = {**tiny_stage0_overrides(tiny, llm), "llm_precision": llm_precision}
+    model = build_model(name, "tiny", **overrides).train()
+    assert {p.dtype for p in model.llm_module().parameters()} == {DTYPES[llm_precision]}
+    with cpu_autocast(torch.float16):
+        output = model({"text_input": CAPTIONS})
+    losses = {k: float(v) for k, v in output.items() if k.startswith("loss")}
+    assert "loss_lm" in losses and all(math.isfinite(v) for v in losses.values()), losses
+    output["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.float().norm()) for g in grads) > 0

@@ -12,6 +12,7 @@ from lavis.processors.blip_processors import BlipCaptionProcessor
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+import lavis_pformer.datasets.json_batches as json_batches
 from lavis_pformer.datasets.sentence_corpus import SentenceCorpusDataset
 
 PROC = BlipCaptionProcessor(max_words=4)
@@ -54,6 +55,27 @@ def test_formats_clean_like_blip_caption(tmp_path, name, content):
     ds = SentenceCorpusDataset(PROC, [_write(tmp_path / name, content)])
     assert _texts(ds) == CLEAN
     assert ds[1] == {"text_input": CLEAN[1], "instance_id": "1"}
+
+
+@pytest.mark.parametrize("chunk,batch", [(1, 1), (7, 2), (1 << 20, 1 << 16)])
+def test_chunks_and_batches_of_any_size(tmp_path, monkeypatch, chunk, batch):
+    """Files read a few bytes (json_batches.LINE_CHUNK) and decoded a few records (BATCH) at a time: the same
+    sentences, QA fields, blank counts and bad-line numbers."""
+    monkeypatch.setattr(json_batches, "LINE_CHUNK", chunk)
+    monkeypatch.setattr(json_batches, "BATCH", batch)
+    txt = tmp_path / "a.txt"
+    txt.write_bytes("\ufeffFirst one.\n\n  second ONE  \r\n".encode() + b"caf\xe9\nthird\n")
+    jsonl = _write(tmp_path / "b.jsonl", '{"caption": "Q one", "question": "Why?", "answer": 3}\n\n{"text": 5}\n'
+                                         '{"text": "plain"}\n')
+    jsn = _write(tmp_path / "c.json", json.dumps([{"caption": "x y"}, {"caption": " "}, {"text": "z"}]))
+    ds = SentenceCorpusDataset(PROC, [str(txt), jsonl, jsn], max_bad_lines=1)
+    assert _texts(ds) == ["first one", "second one", "third", "q one", "plain", "x y", "z"]
+    assert ds[3]["question"] == "why?" and ds[3]["answer"] == "3" and "question" not in ds[4]
+    with pytest.raises(ValueError, match=r"a\.txt, line 4: not UTF-8"):
+        SentenceCorpusDataset(PROC, [str(txt)])
+    with pytest.raises(ValueError, match=r"b\.jsonl, line 3: expected a JSON object with a \"caption\" or \"text\" "
+                                         r"string, got keys \['text'\]"):
+        SentenceCorpusDataset(PROC, [jsonl])
 
 
 def test_several_files_and_utf8_bom(tmp_path):
@@ -120,19 +142,27 @@ def test_jsonl_bad_line_tolerance(tmp_path, caplog):
         ds = SentenceCorpusDataset(PROC, [path], max_bad_lines=2)
     assert _texts(ds) == ["a b", "c", "d"]
     assert f"skipped 2 bad lines in {path}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # mapped from the cache file: the same sentences and the same warning
+        assert _texts(SentenceCorpusDataset(PROC, [path], max_bad_lines=2)) == ["a b", "c", "d"]
+    assert f"skipped 2 bad lines in {path}" in caplog.text and "parsed in" not in caplog.text
+    with pytest.raises(ValueError, match=r"line 2: invalid JSON.*max_bad_lines"):  # a stricter run parses again
+        SentenceCorpusDataset(PROC, [path])
 
 
-def test_storage_is_compact_not_list_of_dicts(tmp_path):
-    txt = _write(tmp_path / "a.txt", "one\n\ntwo\n")
+def test_storage_is_compact_not_list_of_dicts(tmp_path, annotation_cache):
+    """Each file's stripped sentences are one UTF-8 buffer with int32 offsets, mapped from its cache file."""
+    txt = _write(tmp_path / "a.txt", "one\n\n two \n")
     jsn = _write(tmp_path / "b.json", json.dumps([{"caption": "three"}, {"text": "four"}]))
     ds = SentenceCorpusDataset(PROC, [txt, jsn])
     lines, buf = ds.sources
     assert not hasattr(ds, "annotation")
-    assert isinstance(lines.offsets, np.ndarray) and lines.offsets.dtype == np.int64
-    assert lines.offsets.tolist() == [0, 5]
-    assert isinstance(buf.buffer, np.ndarray) and buf.buffer.dtype == np.uint8
-    assert buf.offsets.dtype == np.int64 and buf.buffer.tobytes() == b"threefour"
-    assert not any(isinstance(v, (list, dict)) for s in ds.sources for v in vars(s).values())
+    assert lines.text_buffer.dtype == np.uint8 and lines.text_buffer.tobytes() == b"onetwo"
+    assert lines.text_offsets.dtype == np.int32 and lines.text_offsets.tolist() == [0, 3, 6]
+    assert buf.text_buffer.tobytes() == b"threefour" and buf.text_offsets.tolist() == [0, 5, 9]
+    assert not any(isinstance(v, list) for s in ds.sources for v in vars(s).values())
+    assert all(os.path.dirname(s.table.path) == annotation_cache for s in ds.sources)
+    assert not lines.text_buffer.flags.writeable  # a view of the read-only mapping, not a copy
 
 
 def test_pickles_and_loads_with_two_workers(tmp_path):
@@ -140,9 +170,9 @@ def test_pickles_and_loads_with_two_workers(tmp_path):
     a = _write(tmp_path / "a.txt", "\n".join(sentences[:25]) + "\n")
     b = _write(tmp_path / "b.jsonl", "\n".join(json.dumps({"caption": s}) for s in sentences[25:]))
     ds = SentenceCorpusDataset(BlipCaptionProcessor(), [a, b])
-    assert ds[0]["text_input"] == "sentence number 0"  # parent opens its handles before forking
+    assert ds[0]["text_input"] == "sentence number 0"
     clone = pickle.loads(pickle.dumps(ds))
-    assert all(s._fh is None for s in pickle.loads(pickle.dumps(ds)).sources)
+    assert b"number 7" not in pickle.dumps(ds)  # pickled as the cache files' paths, not the sentences
     assert _texts(clone) == _texts(ds)
     loader = DataLoader(ds, batch_size=3, shuffle=True, num_workers=2, collate_fn=ds.collater)
     seen = {}

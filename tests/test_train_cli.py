@@ -1,9 +1,12 @@
 """train.py driven like a user would: one CPU process, torchrun with 2 gloo processes, and the zoo."""
 import json
 import os
+import re
 import shutil
 
+import pytest
 import torch
+import yaml
 
 from lavis_pformer.pformer import PFormer
 
@@ -56,6 +59,52 @@ def test_train_stage0_torchrun_two_gloo_processes(tiny, tmp_path):
     check_stage0_outputs(run_dir)
     assert "distributed init" not in proc.stdout or "gloo" not in proc.stderr  # no nccl attempted
     assert "Averaged loss terms" in proc.stderr + proc.stdout
+
+
+def test_user_error_on_two_gloo_ranks_ends_every_rank_with_status_2(tiny, tmp_path):
+    """A user error once the process group is up (here a resume checkpoint that does not exist): the ranks leave
+    the group and exit with status 2 and no traceback; torchrun (exit status 1) names status 2 as the root cause,
+    and no rank dies of SIGABRT or SIGSEGV (a rank still running when the first one fails may get torchrun's
+    SIGTERM)."""
+    proc = run_script("train.py", stage0_config(tiny), str(tmp_path), nproc=2, check=False,
+                      options=["run.resume_ckpt_path=missing/checkpoint_0.pth"])
+    assert proc.returncode == 1
+    assert "train.py: error (missing file): run.resume_ckpt_path: no file at missing/checkpoint_0.pth" in proc.stderr
+    root_cause = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", proc.stderr, flags=re.S)
+    assert root_cause and root_cause.group(1) == "2", proc.stderr[-3000:]
+    assert not re.search(r"exitcode\s*:\s*-(6|11)\b", proc.stderr), proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback") == 1 and "ChildFailedError" in proc.stderr  # torchrun's own only
+
+
+def test_train_py_ends_the_process_group_it_started(tiny, tmp_path, monkeypatch):
+    """cli.main (what train.py runs) leaves no process group behind, after a finished run and after a user error;
+    a group that existed before it (the caller's) is left to the caller."""
+    import torch.distributed as dist
+    from lavis.common.registry import registry
+
+    from lavis_pformer import cli
+
+    monkeypatch.chdir(tmp_path)
+    with open("run.yaml", "w") as f:
+        yaml.safe_dump(stage0_config(tiny), f)
+
+    def train(*options):
+        for key in ("output_dir", "result_dir"):  # LAVIS's registry refuses to register them twice
+            registry.mapping["paths"].pop(key, None)
+        return cli.main("train", ["--cfg-path", "run.yaml"] + (["--options", *options] if options else []))
+
+    assert not dist.is_initialized()
+    train()
+    assert not dist.is_initialized()
+    with pytest.raises(SystemExit) as exit_:
+        train("run.resume_ckpt_path=missing.pth")
+    assert exit_.value.code == 2 and not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        train()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_user_error_is_a_short_message_status_2_and_debug_shows_the_traceback(tiny, tmp_path):

@@ -86,7 +86,7 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         for split, info in self._splits().items():
             key = self._key("annotations", split, "storage")
             paths = self._storage_paths(info, key)
-            if split == "train":  # streamed into compact arrays (CompactCaptions), checked record by record
+            if split == "train":  # compact columns (CompactCaptions), parsed once into the annotation cache
                 records, images = self._train_records(root, paths, key, check)
             else:
                 images = []
@@ -113,7 +113,6 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
                         f"{self._key('max_bad_images')}: {len(bad)} to skip them in training."))
                 for path, problem in bad.items():
                     datasets[split].skip_known_bad_image(path, problem)
-                records.finish_build()
             else:
                 if bad:
                     raise unreadable_images_error(bad, len(set(images)), label, (
@@ -133,29 +132,21 @@ class LocalCaptionBuilder(_LocalImageTextBuilder):
         return datasets
 
     def _train_records(self, root, paths, key, check):
-        """The train split's CompactCaptions (every record checked as it streams in) and the image files to check
-        before training (all distinct ones when the check applies, see ``find_unreadable_images``; else none)."""
-        blank, total = {}, {}
-
-        def check_record(index, record, path):
-            total[path] = index + 1
-            if index == 0:
-                self._check_first_image(root, [record], path)
-            if not isinstance(record["caption"], str):
-                raise DataError(
-                    f"annotation file {path}, entry {index}: caption {record['caption']!r} is not a string. Fix the "
-                    "entry (a caption is text) or remove it."
+        """The train split's CompactCaptions (parsed once into the annotation cache, then mapped; every record
+        checked while parsing) and the image files to check before training (all distinct ones when the check
+        applies, see ``find_unreadable_images``; else none)."""
+        cache_key = self._key("cache_dir")
+        records = CompactCaptions(paths, key, self.config.build_info.get("cache_dir", "auto"), cache_key)
+        for file in records.files:
+            if file["records"]:
+                self._check_first_image(root, [{"image": records.image(file["start"])}], file["path"])
+            if file["blank"]:
+                logger.warning(
+                    "%s: %d of %d captions are empty or blank; they are kept (the model learns to say nothing for "
+                    "those images): remove them from the file if that is not intended.", file["path"], file["blank"],
+                    file["records"],
                 )
-            if not record["caption"].strip():
-                blank[path] = blank.get(path, 0) + 1
-
-        records = CompactCaptions(paths, key, check_record)
-        for path, count in blank.items():
-            logger.warning(
-                "%s: %d of %d captions are empty or blank; they are kept (the model learns to say nothing for those "
-                "images): remove them from the file if that is not intended.", path, count, total[path],
-            )
-        wanted = images_checked(records.num_image_files(), "datasets.local_caption train", check)
+        wanted = images_checked(records.num_image_files, "datasets.local_caption train", check)
         images = [image_path(root, p) for p in records.image_files()] if wanted else []
         return records, images
 

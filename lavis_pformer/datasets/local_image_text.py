@@ -72,13 +72,18 @@ def check_images_setting(value, key):
 
 def images_checked(count, label, setting="auto"):
     """Whether ``count`` distinct images are checked before training: True checks every image, False none,
-    "auto" checks at most ``CHECK_IMAGES_AUTO_LIMIT`` (and says so when there are more)."""
-    if setting == "auto" and count > CHECK_IMAGES_AUTO_LIMIT:
-        logger.info("%s: %d images, more than %d: not checked before training (set build_info.check_images: "
-                    "true to check them all); unreadable ones fail (or are skipped, see max_bad_images) when read",
-                    label, count, CHECK_IMAGES_AUTO_LIMIT)
+    "auto" checks at most ``CHECK_IMAGES_AUTO_LIMIT`` (and says so when there are more). ``count`` may be a
+    function ``count(up_to)`` (see ``CompactCaptions.num_image_files``): called only when needed."""
+    if setting is False:
         return False
-    return setting is not False
+    if setting == "auto":
+        found = count(CHECK_IMAGES_AUTO_LIMIT) if callable(count) else count
+        if found > CHECK_IMAGES_AUTO_LIMIT:
+            logger.info("%s: more than %d images: not checked before training (set build_info.check_images: true "
+                        "to check them all); unreadable ones fail (or are skipped, see max_bad_images) when read",
+                        label, CHECK_IMAGES_AUTO_LIMIT)
+            return False
+    return True
 
 
 def find_unreadable_images(paths, label, setting="auto"):

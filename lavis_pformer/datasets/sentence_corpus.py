@@ -19,29 +19,35 @@ Bad records (a JSON line that does not parse or has no ``caption``/``text`` stri
 entry of that kind, a line that is not UTF-8) are errors unless ``build_info.max_bad_lines``
 (per file, default 0) allows that many to be skipped.
 
-Memory, per rank (every rank indexes its own copy):
-
-- ``.txt`` / ``.jsonl``: one int64 byte offset per kept sentence, i.e. 8 bytes per sentence
-  (12M sentences: ~96 MB); the text is read lazily from disk in ``__getitem__``.
-- ``.json`` list: the whole file is parsed once while building (transient peak), then kept as one
-  uint8 buffer of the UTF-8 sentences plus int64 offsets: (UTF-8 length + 8) bytes per sentence.
-
-No per-sentence Python objects are kept, so forked DataLoader workers share these arrays
-copy-on-write without the refcount-driven page copying a list of dicts causes; with the spawn
-start method each worker receives a pickled copy. File handles are opened lazily per process and
-are never pickled.
+Each file is parsed once (msgspec, :mod:`~lavis_pformer.datasets.json_batches`) into a cache file of Arrow
+columns (:mod:`~lavis_pformer.datasets.arrow_cache`, ``build_info.cache_dir``): the stripped UTF-8 sentences with
+one int32 offset each, and for JSON lines the question and answer. Every later start (the other ranks, resumes)
+maps that file instead of parsing again. Why: a line-by-line index of 12M lines (the offsets this corpus kept
+before, in every rank at every start) took 5.9 s as text and 59 s as JSON lines; the first start with the cache
+takes 10.2 s and 36.6 s (it writes the cache file), every later one under 0.01 s
+(``bench/bench_sentence_corpus_start.py``). The mapped pages are shared by all the processes of a machine (one
+copy, not one per rank), hold no Python object per sentence, and a spawned DataLoader worker maps the file again
+from its path. A cache file built under a larger ``max_bad_lines`` than the present one is rebuilt (so the error
+names the bad record).
 """
 
 import json
 import logging
 import os
-from array import array
+from typing import Any
 
+import msgspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from lavis.common.registry import registry
 from lavis.processors.blip_processors import BlipQuestionProcessor
 from omegaconf import OmegaConf
 
+from lavis_pformer.datasets.arrow_cache import ArrowCache, StringSpool, cache_folder, string_views, text_at
+from lavis_pformer.datasets.files import invalid_json
+from lavis_pformer.datasets.json_batches import (JSONListError, decode_each, json_list_batches, line_batches,
+                                                 line_chunks)
 from lavis_pformer.datasets.local_builder import LocalDatasetBuilder
 from lavis_pformer.errors import ConfigError, DataError, MissingFileError
 from torch.utils.data import Dataset
@@ -70,22 +76,16 @@ def _record_text(obj):
     return value
 
 
-def _parse_text_line(raw):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _BadRecord(f"not UTF-8 ({e.reason})") from None
+class _Sentence(msgspec.Struct, gc=False):
+    """The fields of a JSON sentence record (absent ones are UNSET)."""
+
+    caption: Any = msgspec.UNSET
+    text: Any = msgspec.UNSET
+    question: Any = msgspec.UNSET
+    answer: Any = msgspec.UNSET
 
 
-def _parse_json_line(raw):
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _BadRecord(f"invalid JSON ({e})") from None
-    return _record_text(obj)
-
-
-_LINE_PARSERS = {"txt": _parse_text_line, "jsonl": _parse_json_line}
+_decode_sentence = msgspec.json.Decoder(_Sentence).decode
 
 
 def _detect_format(path):
@@ -131,13 +131,6 @@ class _Tally:
             )
 
     def finish(self, kept):
-        if self.blank:
-            logger.warning("skipped %d blank lines in %s", self.blank, self.path)
-        if self.bad:
-            logger.warning(
-                "skipped %d bad lines in %s (max_bad_lines=%d)",
-                self.bad, self.path, self.max_bad_lines,
-            )
         if kept == 0:
             raise DataError(
                 f"{self.path} contains no sentences ({self.blank} blank, {self.bad} bad records "
@@ -145,118 +138,151 @@ class _Tally:
             )
 
 
-class _LineSource:
-    """Sentences of a .txt / .jsonl file: byte offsets of kept lines, text read lazily."""
+def _report_skipped(path, metadata, max_bad_lines):
+    """Log the blank and bad records that the parse of ``path`` skipped (at every start, parsed or mapped)."""
+    if metadata["blank"]:
+        logger.warning("skipped %d blank lines in %s", metadata["blank"], path)
+    if metadata["bad"]:
+        logger.warning("skipped %d bad lines in %s (max_bad_lines=%d)", metadata["bad"], path, max_bad_lines)
 
-    def __init__(self, path, fmt, max_bad_lines):
-        self.path, self.fmt = path, fmt
-        parse = _LINE_PARSERS[fmt]
-        tally = _Tally(path, max_bad_lines)
-        offsets = array("q")
-        pos = 0
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                start, pos = pos, pos + len(raw)
-                if lineno == 1 and raw.startswith(_BOM):
-                    start, raw = start + len(_BOM), raw[len(_BOM):]
-                if not raw.strip():
-                    tally.blank += 1
-                    continue
+
+class _Columns:
+    """The kept sentences of one file (stripped) and, for JSON lines, their question and answer (None if absent),
+    spooled into Arrow columns."""
+
+    def __init__(self, spool, qa):
+        self.text = StringSpool(spool, "text")
+        self.qa = {k: StringSpool(spool, k) for k in QA_FIELDS} if qa else {}
+
+    def add(self, texts, records=None):
+        """``texts``: stripped, non-blank; ``records``: their decoded records (for the QA fields)."""
+        self.text.append(texts)
+        for key, column in self.qa.items():
+            column.append([None if getattr(r, key) is msgspec.UNSET else str(getattr(r, key)).strip()
+                           for r in records])
+
+    def finish(self):
+        columns = {"text": self.text.finish()}
+        columns.update((key, column.finish()) for key, column in self.qa.items() if column.nulls < column.rows)
+        return columns
+
+
+def _add_text_lines(path, tally, columns):
+    """Add the lines of a text file to ``columns``, stripped (Arrow's whitespace trim strips what ``str.strip``
+    does), blank ones counted; a chunk that is not UTF-8 is read line by line to name (and count) its bad lines."""
+    for first, chunk in line_chunks(path):
+        newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
+        starts = np.concatenate([[0], newlines + 1, [len(chunk)]]).astype(np.int64)  # a line ends with its \n
+        lines = pa.Array.from_buffers(pa.large_binary(), len(starts) - 1, [None, pa.py_buffer(starts),
+                                                                           pa.py_buffer(chunk)])
+        try:
+            texts = pc.utf8_trim_whitespace(lines.cast(pa.large_string()))
+        except pa.ArrowInvalid:  # not UTF-8
+            texts = []
+            for number, raw in enumerate(chunk.split(b"\n"), first):
                 try:
-                    text = parse(raw)
-                except _BadRecord as e:
-                    tally.bad_record(f"line {lineno}", e)
-                    continue
-                if text.strip():
-                    offsets.append(start)
-                else:
-                    tally.blank += 1
-        tally.finish(len(offsets))
-        self.offsets = np.frombuffer(offsets, dtype=np.int64)
-        self._fh, self._pid = None, None
+                    texts.append(raw.decode("utf-8").strip())
+                except UnicodeDecodeError as e:
+                    tally.bad_record(f"line {number}", f"not UTF-8 ({e.reason})")
+            texts = pa.array(texts, pa.large_string())
+        kept = pc.filter(texts, pc.greater(pc.binary_length(texts), 0))
+        tally.blank += len(texts) - len(kept)
+        columns.add(kept)
 
-    def __len__(self):
-        return len(self.offsets)
+
+def _json_batches(path, fmt, tally):
+    """The records of a JSON-lines file or JSON list: (where of each record, raw records) batch by batch."""
+    if fmt == "jsonl":
+        for first, lines in line_batches(path):
+            items = [(f"line {n}", raw) for n, raw in enumerate(lines, first) if raw.strip()]
+            tally.blank += len(lines) - len(items)
+            yield items
+        return
+    try:
+        for index, items, _ in json_list_batches(path):
+            yield [(f"entry {index + j}", raw) for j, raw in enumerate(items)]
+    except JSONListError as e:
+        raise invalid_json("sentence file", path, e) from None
+
+
+def _add_json_records(items, tally, columns):
+    records, ok = decode_each(_decode_sentence, [raw for _, raw in items])
+    texts = [r.caption if r.caption is not msgspec.UNSET else r.text for r in records] if ok else []
+    if not ok or not all(type(t) is str for t in texts):  # name the bad records, as _record_text words them
+        kept = []
+        for (where, raw), record in zip(items, records):
+            try:
+                if isinstance(record, msgspec.MsgspecError):
+                    raise _BadRecord(f"invalid JSON ({record})")
+                _record_text(msgspec.json.decode(raw))
+                kept.append(record)
+            except (_BadRecord, msgspec.MsgspecError) as e:
+                tally.bad_record(where, e)
+        records = kept
+        texts = [r.caption if r.caption is not msgspec.UNSET else r.text for r in records]
+    texts = [t.strip() for t in texts]
+    keep = [i for i, t in enumerate(texts) if t]
+    tally.blank += len(texts) - len(keep)
+    columns.add([texts[i] for i in keep], [records[i] for i in keep])
+
+
+def _parse(path, fmt, max_bad_lines, spool):
+    """A sentence file's cache columns and metadata (skipped blank and bad records)."""
+    tally = _Tally(path, max_bad_lines)
+    columns = _Columns(spool, qa=fmt == "jsonl")
+    if fmt == "txt":
+        _add_text_lines(path, tally, columns)
+    else:
+        for items in _json_batches(path, fmt, tally):
+            _add_json_records(items, tally, columns)
+    tally.finish(columns.text.rows)
+    return columns.finish(), {"blank": tally.blank, "bad": tally.bad}
+
+
+class _CachedSentences:
+    """One sentence file's columns, mapped from its cache file; ``[i]`` -> sentence, ``extras(i)`` -> QA fields."""
+
+    def __init__(self, table):
+        self.table = table
+        self._views()
+
+    def _views(self):
+        self.text_buffer, self.text_offsets = string_views(self.table.columns["text"])
+        self.qa = {k: self.table.columns[k] for k in QA_FIELDS if k in self.table.columns}
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_fh"], state["_pid"] = None, None
-        return state
+        return {"table": self.table}  # the table pickles as its cache file's path
 
-    def __getitem__(self, i):
-        return _LINE_PARSERS[self.fmt](self._read_line(i)).strip()
-
-    def extras(self, i):
-        """QA fields of a JSON-lines record ({"question", "answer"} if present), else {}."""
-        if self.fmt != "jsonl":
-            return {}
-        record = json.loads(self._read_line(i))
-        return {k: str(record[k]).strip() for k in QA_FIELDS if k in record}
-
-    def _read_line(self, i):
-        if self._fh is None or self._pid != os.getpid():
-            self._fh, self._pid = open(self.path, "rb"), os.getpid()
-        self._fh.seek(int(self.offsets[i]))
-        return self._fh.readline()
-
-
-class _BufferSource:
-    """Sentences of a JSON list file: one UTF-8 uint8 buffer plus int64 start offsets."""
-
-    def __init__(self, path, max_bad_lines):
-        self.path = path
-        try:
-            with open(path, "r", encoding="utf-8-sig") as f:
-                records = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(
-                f"{path} is not valid JSON ({e}). Fix the file, or use one JSON object per "
-                "line with a .jsonl extension."
-            ) from None
-        if not isinstance(records, list):
-            raise DataError(
-                f"{path}: expected a JSON list of objects with a \"caption\" or \"text\" string, "
-                f"got a JSON {type(records).__name__}."
-            )
-        tally = _Tally(path, max_bad_lines)
-        encoded = []
-        for i, obj in enumerate(records):
-            try:
-                text = _record_text(obj).strip()
-            except _BadRecord as e:
-                tally.bad_record(f"entry {i}", e)
-                continue
-            if text:
-                encoded.append(text.encode("utf-8"))
-            else:
-                tally.blank += 1
-        del records
-        tally.finish(len(encoded))
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._views()
 
     def __len__(self):
-        return len(self.offsets) - 1
+        return len(self.text_offsets) - 1
 
     def __getitem__(self, i):
-        return self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
+        return text_at(self.text_buffer, self.text_offsets, i)
+
+    def extras(self, i):
+        """QA fields of a JSON-lines record ({"question", "answer"} where present), else {}."""
+        return {k: column[i].as_py() for k, column in self.qa.items() if column[i].is_valid}
 
 
 class SentenceCorpusDataset(Dataset):
     """Map-style dataset of sentences from local files; items are
     ``{"text_input": processed sentence, "instance_id": str(index)}``."""
 
-    def __init__(self, text_processor, paths, max_bad_lines=0):
+    def __init__(self, text_processor, paths, max_bad_lines=0, cache_dir="auto"):
         if not paths:
             raise ValueError("SentenceCorpusDataset needs at least one sentence file.")
         self.text_processor = text_processor
         self.paths = list(paths)
-        self.sources = [self._open_source(p, max_bad_lines) for p in self.paths]
+        cache = ArrowCache(cache_folder(cache_dir, "datasets.sentence_corpus.build_info.cache_dir"))
+        self.sources = [self._open_source(p, max_bad_lines, cache) for p in self.paths]
         self._starts = np.cumsum([0] + [len(s) for s in self.sources], dtype=np.int64)
 
     @staticmethod
-    def _open_source(path, max_bad_lines):
+    def _open_source(path, max_bad_lines, cache):
         if not os.path.exists(path):
             raise MissingFileError(
                 f"sentence file {path} does not exist (cwd {os.getcwd()}). Fix "
@@ -266,9 +292,10 @@ class SentenceCorpusDataset(Dataset):
         if not os.path.isfile(path):
             raise DataError(f"{path} is not a file; list the sentence files themselves in storage.")
         fmt = _detect_format(path)
-        if fmt == "json":
-            return _BufferSource(path, max_bad_lines)
-        return _LineSource(path, fmt, max_bad_lines)
+        table = cache.load("sentences", [path], lambda spool: _parse(path, fmt, max_bad_lines, spool),
+                           f"sentences of {path}", accept=lambda metadata: metadata["bad"] <= max_bad_lines)
+        _report_skipped(path, table.metadata, max_bad_lines)
+        return _CachedSentences(table)
 
     def __len__(self):
         return int(self._starts[-1])
@@ -282,7 +309,7 @@ class SentenceCorpusDataset(Dataset):
         if self.text_processor is not None:
             text = self.text_processor(text)
         item = {"text_input": text, "instance_id": str(index)}
-        extras = source.extras(local) if hasattr(source, "extras") else {}
+        extras = source.extras(local)
         if "question" in extras:  # cleaned as LAVIS's VQA evaluation cleans questions
             extras["question"] = _QUESTION_PROCESSOR(extras["question"])
         item.update(extras)
@@ -318,7 +345,7 @@ class SentenceCorpusBuilder(LocalDatasetBuilder):
                 continue
             processor = self.text_processors["train" if split == "train" else "eval"]
             datasets[split] = SentenceCorpusDataset(
-                processor, self._split_paths(split, info), max_bad_lines
+                processor, self._split_paths(split, info), max_bad_lines, build_info.get("cache_dir", "auto")
             )
             logger.info(
                 "sentence_corpus %s: %d sentences from %d file(s)",

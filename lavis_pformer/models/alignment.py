@@ -35,6 +35,7 @@ from lavis_pformer.losses import alignment_loss
 from lavis_pformer.errors import ConfigError, SetupError
 from lavis_pformer.model_keys import starting_checkpoint_key
 from lavis_pformer.pformer import PFormer, PFormerCheckpointError
+from lavis_pformer.precision import DTYPES, LOW_PRECISION
 
 TEACHER = "pformer_teacher"
 
@@ -80,6 +81,9 @@ class PFormerAlignmentMixin:
 
     # Paper defaults (docs/method.md): w1 = 10 (stage 1), w2 = 100 (stage 2). Subclasses set theirs.
     DEFAULT_ALIGNMENT_WEIGHT = None
+    # The teacher runs in model.teacher_precision under its own autocast: a half teacher must not make
+    # BackboneMixin.maybe_autocast run fp32 backbones under CPU autocast.
+    OWN_PRECISION = (TEACHER + ".",)
 
     def setup_alignment(self, alignment, num_query_token, llm_hidden_size=None, llm_name=None, for_training=False):
         """Build the frozen teacher when ``for_training and alignment.alignment_weight > 0``; returns it (or None).
@@ -87,7 +91,10 @@ class PFormerAlignmentMixin:
         ``alignment``: :class:`~lavis_pformer.model_keys.AlignmentKeys`. Loading is strict (``PFormer.load``):
         ``num_query_token``, ``llm_hidden_size`` and ``llm_name`` must match the checkpoint's metadata when given
         (None: not checked), and the teacher's BERT vocabulary must have the size of this model's BERT tokenizer.
+        The loaded (fp32) teacher is then cast to ``alignment.teacher_precision`` (fp32 / fp16 / bf16): it is never
+        saved, so the file stays as stage 0 wrote it.
         """
+        teacher_precision = alignment.teacher_precision
         self.alignment_weight = alignment.alignment_weight
         self.pformer_checkpoint = alignment.pformer_checkpoint
         self.pformer_teacher = None
@@ -119,12 +126,12 @@ class PFormerAlignmentMixin:
                             teacher.bert_model, self.bert_model)
         for p in teacher.parameters():
             p.requires_grad = False
-        self.pformer_teacher = teacher.eval()
+        self.pformer_teacher = teacher.to(DTYPES[teacher_precision]).eval()
         self.exclude_from_checkpoint(TEACHER + ".")
         logging.info(
-            "P-Former teacher %s: Q=%d, LLM %s (width %d), alignment_weight %g",
+            "P-Former teacher %s: Q=%d, LLM %s (width %d), %s, alignment_weight %g",
             self.pformer_checkpoint, teacher.num_query_token, teacher.llm_name, teacher.llm_hidden_size,
-            self.alignment_weight,
+            teacher_precision, self.alignment_weight,
         )
         return teacher
 
@@ -155,15 +162,23 @@ class PFormerAlignmentMixin:
 
     @torch.no_grad()
     def teacher_prompt(self, texts):
-        """P-Former prompt of the unmasked captions: [B, Q, H_llm], no grad, teacher in eval mode."""
+        """P-Former prompt of the unmasked captions: [B, Q, H_llm], no grad, teacher in eval mode.
+
+        A half-precision teacher runs under autocast to its own dtype (matrix products in fp16 / bf16; on a GPU
+        layer norms and softmax in fp32), whatever the training step's autocast; an fp32 teacher runs as the
+        step does.
+        """
         if self.pformer_teacher is None:
             raise RuntimeError(f"{type(self).__name__} has no P-Former teacher")
         self.pformer_teacher.eval()
-        device = next(self.pformer_teacher.parameters()).device
+        weight = next(self.pformer_teacher.parameters())
         tokens = self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
-        ).to(device)
-        return self.pformer_teacher(tokens.input_ids, tokens.attention_mask).prompt
+        ).to(weight.device)
+        own_autocast = torch.autocast(weight.device.type, dtype=weight.dtype) if weight.dtype in LOW_PRECISION \
+            else contextlib.nullcontext()
+        with own_autocast:
+            return self.pformer_teacher(tokens.input_ids, tokens.attention_mask).prompt
 
     def forward(self, samples):
         """LAVIS's forward + ``loss_align``: {"loss", every LAVIS ``loss_*`` term, "loss_align"}.

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_pformer.precision import DTYPES
+from lavis_pformer.precision import DTYPES, cat_in_dtype
 
 
 class FrozenOPTMixin:
@@ -46,7 +46,7 @@ class FrozenOPTMixin:
         prefix_len = inputs_opt.shape[1]
         targets = torch.cat([targets.new_full((targets.shape[0], prefix_len), -100), targets], dim=1)
         embeds = self.opt_model.get_input_embeddings()(tokens.input_ids)
-        inputs_embeds = torch.cat([inputs_opt.to(embeds.dtype), embeds], dim=1)
+        inputs_embeds = cat_in_dtype([inputs_opt, embeds], embeds.dtype)
         attention_mask = torch.cat([tokens.attention_mask.new_ones(inputs_opt.shape[:2]), tokens.attention_mask], 1)
         with self.llm_autocast():
             out = self.opt_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=targets,

@@ -13,6 +13,7 @@ from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
 from lavis_pformer.models.common import CONFIG_DIR
 from lavis_pformer.models.pformer_pretrain import PFormerPretrain
+from lavis_pformer.precision import cat_in_dtype
 
 
 @registry.register_model("pformer_opt")
@@ -46,7 +47,7 @@ class PFormerOPT(PFormerPretrain):
         ignore = torch.full(prompt.shape[:2], -100, dtype=torch.long, device=prompt.device)
         embeds = self.opt_model.get_input_embeddings()(tokens.input_ids)
         attention = torch.cat([torch.ones_like(ignore), tokens.attention_mask], dim=1)
-        return torch.cat([prompt.to(embeds.dtype), embeds], dim=1), attention, torch.cat([ignore, targets], dim=1)
+        return cat_in_dtype([prompt, embeds], embeds.dtype), attention, torch.cat([ignore, targets], dim=1)
 
     def llm_loss(self, prompt, texts):
         embeds, attention, targets = self.opt_inputs(prompt, [t + "\n" for t in texts])

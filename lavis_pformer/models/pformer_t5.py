@@ -17,6 +17,7 @@ from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 from lavis_pformer.backbones import sentencepiece_conversion_errors
 from lavis_pformer.models.common import CONFIG_DIR
 from lavis_pformer.models.pformer_pretrain import PFormerPretrain
+from lavis_pformer.precision import cat_in_dtype
 from lavis_pformer.text import split_prefix_suffix
 
 
@@ -54,7 +55,7 @@ class PFormerT5(PFormerPretrain):
         attention = torch.cat(
             [torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device), tokens.attention_mask], dim=1
         )
-        return torch.cat([prompt.to(embeds.dtype), embeds], dim=1), attention
+        return cat_in_dtype([prompt, embeds], embeds.dtype), attention
 
     def split(self, text):
         """(prefix, suffix) of one sentence, with stage 0's prefix-length distribution."""

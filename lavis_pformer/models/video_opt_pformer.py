@@ -157,7 +157,7 @@ class VideoOPTPFormer(PFormerAlignmentMixin, StageRecordsMixin, VideoOPT):
     def from_config(cls, cfg, for_training=False):
         """Keys: bert_model, num_query_token (32), cross_attention_freq (2), feat_dim (1024), max_clips (32),
         opt_model, llm_precision (fp16), prompt (""), max_txt_len (32), lm_weight (1), alignment_weight (100),
-        pformer_checkpoint, load_pretrained / pretrained, load_finetuned / finetuned. All are read and checked
+        pformer_checkpoint, teacher_precision, load_pretrained / pretrained, load_finetuned / finetuned. All are read and checked
         here, before anything is built.
         """
         kwargs = dict(
