@@ -1,7 +1,7 @@
 """model.teacher_precision: the frozen P-Former teacher of stages 1 and 2 in fp32, fp16 or bf16.
 
 - a half-precision teacher holds half the bytes, and gives a ``loss_align`` and a gradient of it within about a
-  percent of the fp32 teacher's on the same batch (tiny backbones; the paper-size figures are in bench/README.md);
+  percent of the fp32 teacher's on the same batch (tiny backbones; the paper-size figures are in docs/cluster.md);
 - the training tasks choose the default by ``run.device`` (fp16 on cuda, fp32 on the CPU); a given value wins;
 - the P-Former file stays fp32 and the teacher stays out of the stage checkpoints;
 - an unknown value is a configuration error naming the key.
